@@ -1,0 +1,359 @@
+"""The GGUF tokenizer, matching llama.cpp: gpt2 byte-level BPE, special tokens, chat templates.
+
+Mirrors llama.cpp's src/llama-vocab.cpp: token attributes from `tokenizer.ggml.token_type`
+(with its by-text overrides), `tokenizer_st_partition` for special tokens (longest text
+first), the pre-tokenizer regexes per `tokenizer.ggml.pre` (applied in sequence, keeping the
+unmatched gaps, as unicode.cpp does), and the rank-ordered BPE merge queue. llama.cpp's
+unicode tables are generated from the `regex` module's \\p{L}, \\p{N} and \\s, so the same
+patterns are run here with `regex` directly.
+"""
+from __future__ import annotations
+
+import codecs
+import heapq
+import json
+from datetime import datetime
+
+import regex
+
+from engine.errors import EngineError
+
+# llama_token_attr bits; GGUF token_type (index) -> attr
+UNKNOWN, UNUSED, NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 2, 4, 8, 16, 32
+_TYPE_ATTR = (0, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE)
+
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
+
+# tokenizer.ggml.pre -> (regexes applied in order, ignore_merges, default add_bos), as llama.cpp
+_PRE_FAMILIES = (
+    (("default",), _DEFAULT, False, False),
+    (("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), (_LLAMA3,), True, True),
+    (("dbrx", "smaug-bpe"), (_LLAMA3,), False, False),
+    (("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), (_QWEN2,), False, False),
+    (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+     (r"\p{N}", _GPT2), False, False),
+    (("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "mpt", "olmo", "jais", "exaone4"),
+     (_GPT2,), False, False),
+)
+_PRE = {name: fam[1:] for fam in _PRE_FAMILIES for name in fam[0]}
+
+# llama.cpp's by-text detection of roles (when the id is not in the metadata); detected
+# tokens become CONTROL. Texts use llama.cpp's exact spelling (DeepSeek's are fullwidth).
+_EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+              "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
+_ROLES = (  # (metadata keys, candidate texts, is end-of-generation)
+    (("eot",), _EOT_TEXTS, False),
+    (("eom",), ("<|eom_id|>",), False),
+    (("fim_pre", "prefix"), ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
+                             "▁<PRE>", "<|code_prefix|>", "<|prefix|>"), False),
+    (("fim_suf", "suffix"), ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
+                             "▁<SUF>", "<|code_suffix|>", "<|suffix|>"), False),
+    (("fim_mid", "middle"), ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
+                             "▁<MID>", "<|code_middle|>", "<|middle|>"), False),
+    (("fim_pad",), ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"), True),
+    (("fim_rep",), ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"), True),
+    (("fim_sep",), ("<|file_sep|>",), True),
+)
+# every token with one of these texts ends generation (llama.cpp's list, see issue #9606)
+_EOG_TEXTS = frozenset(_EOT_TEXTS) | {
+    "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "</s>", "<|eom_id|>", "[EOS]", "<eos>", "<turn|>",
+    "<|tool_response>", "[e~["}
+
+_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+           " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+           "{% endif %}")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+_BYTE_ENC = _bytes_to_unicode()
+_BYTE_DEC = {c: b for b, c in _BYTE_ENC.items()}
+
+
+def _byte_encode(word: str) -> str:
+    """UTF-8 bytes of word, each as its GPT-2 printable character."""
+    return word.encode("utf-8", "surrogatepass").decode("latin-1").translate(_BYTE_ENC)
+
+
+def _byte_decode(text: str) -> bytes:
+    """Inverse of _byte_encode; unmappable characters as llama.cpp's [UNK_BYTE_0x..] marker."""
+    out = bytearray()
+    for ch in text:
+        b = _BYTE_DEC.get(ch)
+        if b is None:
+            out += b"[UNK_BYTE_0x" + ch.encode("utf-8").hex().encode() + text.encode("utf-8") + b"]"
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def _split_keep(rx, text: str):
+    """Matches of rx and the gaps between them, in order (llama.cpp's unicode_regex_split_stl)."""
+    pos = 0
+    for m in rx.finditer(text):
+        a, b = m.span()
+        if a > pos:
+            yield text[pos:a]
+        if b > a:
+            yield text[a:b]
+        pos = b
+    if pos < len(text):
+        yield text[pos:]
+
+
+def _detect_roles(md: dict, ids: dict[str, int], attrs: list[int]) -> tuple[dict, frozenset]:
+    """Role ids (bos, eos, eot, fim_...) and the end-of-generation set, as llama_vocab::impl::load
+    finds them: metadata first, else by token text; tokens found by text become CONTROL."""
+    n = len(attrs)
+
+    def meta_id(*keys, default=None):
+        for key in keys:
+            v = md.get(f"tokenizer.ggml.{key}_token_id")
+            if isinstance(v, int) and 0 <= v < n:
+                return v
+        return default if default is not None and default < n else None
+
+    roles = {"bos": meta_id("bos", default=11), "eos": meta_id("eos", default=11)}  # llama.cpp's BPE defaults
+    eog = set()
+    for keys, texts, is_eog in _ROLES:
+        rid = meta_id(*keys)
+        if rid is None:
+            found = [ids[t] for t in texts if t in ids]
+            rid = min(found) if found else None
+            if rid is not None:
+                attrs[rid] |= CONTROL
+        roles[keys[0]] = rid
+        if is_eog and rid is not None:
+            eog.add(rid)
+    for tid in (ids[t] for t in _EOG_TEXTS if t in ids):
+        eog.add(tid)
+        attrs[tid] |= CONTROL
+    eog.update(r for r in (roles["eos"], roles["eot"], roles["eom"]) if r is not None)
+    return roles, frozenset(eog)
+
+
+def _fail(source: str, msg: str) -> EngineError:
+    return EngineError(f"{source}: {msg}" if source else msg)
+
+
+class StreamDecoder:
+    """Token ids in, text out; a UTF-8 sequence split across tokens is held back until complete."""
+
+    def __init__(self, tokenizer: "Tokenizer", special: bool = True):
+        self._tok, self._special = tokenizer, special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """The text completed by this token (possibly empty)."""
+        return self._utf8.decode(self._tok.token_bytes(token_id, self._special))
+
+    def flush(self) -> str:
+        """Whatever is held back, with an incomplete sequence as U+FFFD."""
+        return self._utf8.decode(b"", final=True)
+
+
+class Tokenizer:
+    """A llama.cpp-compatible gpt2 (byte-level BPE) tokenizer built from GGUF metadata."""
+
+    def __init__(self, tokens: list[str], ids: dict[str, int], attrs: list[int], merges: list[str],
+                 pre: tuple, roles: dict, eog_ids: frozenset, add_bos: bool, chat_template: str | None,
+                 source: str = ""):
+        self._tokens, self._ids, self._attrs, self.n_vocab = tokens, ids, attrs, len(tokens)
+        # llama.cpp keeps the first rank of a duplicated merge; keys are "left right"
+        self._ranks = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1)))
+        regexes, self._ignore_merges, _ = pre
+        self._regexes = [regex.compile(r) for r in regexes]
+        self.bos_id, self.eos_id, self.eog_ids, self.add_bos = roles["bos"], roles["eos"], eog_ids, add_bos
+        self._template_src, self._template, self._source = chat_template, None, source
+        special = sorted((i for i, a in enumerate(attrs) if a & (CONTROL | USER_DEFINED | UNKNOWN) and tokens[i]),
+                         key=lambda i: -len(tokens[i].encode("utf-8")))
+        self._specials_all = [(i, tokens[i]) for i in special]
+        self._specials_user = [(i, tokens[i]) for i in special if not attrs[i] & (CONTROL | UNKNOWN)]
+        self._word_cache: dict[str, list[int]] = {}
+        self._pieces: dict[int, bytes] = {}
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def from_metadata(cls, md: dict, source: str = "") -> "Tokenizer":
+        """Build from a GGUF metadata dict; EngineError for a tokenizer this module does not implement."""
+        model = md.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise _fail(source, f"unsupported tokenizer model {model!r} (supported: 'gpt2')")
+        pre_name = md.get("tokenizer.ggml.pre") or "default"
+        if pre_name not in _PRE:
+            raise _fail(source, f"unknown pre-tokenizer {pre_name!r} (supported: {', '.join(sorted(_PRE))})")
+        tokens, merges = md.get("tokenizer.ggml.tokens"), md.get("tokenizer.ggml.merges")
+        if not tokens or merges is None:
+            raise _fail(source, "tokenizer vocabulary or merges missing from the metadata")
+        ids = {t: i for i, t in enumerate(tokens)}
+        if len(ids) != len(tokens):
+            raise _fail(source, "duplicate token text in the vocabulary")
+        types = md.get("tokenizer.ggml.token_type")
+        attrs = ([NORMAL] * len(tokens) if types is None
+                 else [_TYPE_ATTR[t] if 0 <= t < len(_TYPE_ATTR) else 0 for t in types.tolist()])
+        roles, eog = _detect_roles(md, ids, attrs)
+        pre = _PRE[pre_name]
+        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", pre[2]))
+        return cls(tokens, ids, attrs, merges, pre, roles, eog, add_bos, md.get("tokenizer.chat_template"), source)
+
+    # -- encoding ------------------------------------------------------------------------
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        """Token ids of text (no BOS added). parse_special: control-token texts become their ids."""
+        out: list[int] = []
+        for frag in self._partition(text, parse_special):
+            if isinstance(frag, int):
+                out.append(frag)
+            else:
+                for word in self._pre_split(frag):
+                    ids = self._word_cache.get(word)
+                    if ids is None:
+                        if len(self._word_cache) > 200_000:
+                            self._word_cache.clear()
+                        ids = self._word_cache[word] = self._bpe(_byte_encode(word))
+                    out.extend(ids)
+        return out
+
+    def _partition(self, text: str, parse_special: bool) -> list:
+        """Split out special tokens, longest text first (llama.cpp's tokenizer_st_partition).
+
+        User-defined tokens are matched even when parse_special is false, as llama.cpp does."""
+        frags = [text] if text else []
+        for tid, tok in self._specials_all if parse_special else self._specials_user:
+            new = []
+            for f in frags:
+                if isinstance(f, int) or tok not in f:
+                    new.append(f)
+                    continue
+                for k, part in enumerate(f.split(tok)):
+                    if k:
+                        new.append(tid)
+                    if part:
+                        new.append(part)
+            frags = new
+        return frags
+
+    def _pre_split(self, text: str) -> list[str]:
+        """Pre-tokenizer words: each regex splits every piece left by the previous ones."""
+        pieces = [text]
+        for rx in self._regexes:
+            pieces = [w for p in pieces for w in _split_keep(rx, p)]
+        return pieces
+
+    def _bpe(self, word: str) -> list[int]:
+        """BPE of one byte-encoded word: merge the lowest-rank (then leftmost) pair until none is left."""
+        if len(word) == 1 or (self._ignore_merges and word in self._ids):
+            return self._symbols_to_ids([word])
+        syms = list(word)
+        nxt = list(range(1, len(syms) + 1))
+        nxt[-1] = -1
+        prv = list(range(-1, len(syms) - 1))
+        ranks = self._ranks
+        heap = []
+
+        def add(left: int, right: int) -> None:
+            rank = ranks.get(syms[left] + " " + syms[right])
+            if rank is not None:
+                heapq.heappush(heap, (rank, left, right, syms[left] + syms[right]))
+
+        for i in range(len(syms) - 1):
+            add(i, i + 1)
+        while heap:
+            _, left, right, merged = heapq.heappop(heap)
+            a, b = syms[left], syms[right]
+            if not a or not b or a + b != merged:
+                continue  # stale: one side was merged since this pair was queued
+            syms[left], syms[right] = merged, ""
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prv[nxt[right]] = left
+            if prv[left] >= 0:
+                add(prv[left], left)
+            if nxt[left] >= 0:
+                add(left, nxt[left])
+        return self._symbols_to_ids([s for s in syms if s])
+
+    def _symbols_to_ids(self, syms: list[str]) -> list[int]:
+        """Token ids of final BPE symbols; a symbol missing from the vocabulary falls back to
+        its single ASCII bytes, as llama.cpp does."""
+        out = []
+        for s in syms:
+            tid = self._ids.get(s)
+            if tid is not None:
+                out.append(tid)
+            else:
+                out.extend(self._ids[chr(b)] for b in s.encode("utf-8") if b < 0x80 and chr(b) in self._ids)
+        return out
+
+    # -- decoding ------------------------------------------------------------------------
+    def token_bytes(self, token_id: int, special: bool = True) -> bytes:
+        """Raw bytes of a token's piece (may be a partial UTF-8 sequence); control and unknown
+        tokens render their text only if special (llama_token_to_piece)."""
+        if not 0 <= token_id < self.n_vocab:
+            raise EngineError(f"token id {token_id} is out of range [0, {self.n_vocab})")
+        attr = self._attrs[token_id]
+        if attr & (CONTROL | UNKNOWN) and not special:
+            return b""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self._piece(token_id, attr)
+        return piece
+
+    def _piece(self, token_id: int, attr: int) -> bytes:
+        text = self._tokens[token_id]
+        if attr & (CONTROL | UNKNOWN | USER_DEFINED):
+            return text.encode("utf-8")
+        if attr & NORMAL:
+            return _byte_decode(text)
+        if attr & BYTE:
+            return bytes([int(text[3:5], 16)])
+        return b""  # unused / undefined tokens have no text
+
+    def decode(self, ids, special: bool = True) -> str:
+        """Text of ids: piece bytes joined, decoded as UTF-8 with replacement."""
+        return b"".join(self.token_bytes(int(i), special) for i in ids).decode("utf-8", "replace")
+
+    def stream_decoder(self, special: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, special)
+
+    # -- chat ----------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The model's chat template (ChatML if it has none) rendered in jinja2's sandbox, as HF does."""
+        try:
+            if self._template is None:
+                self._template = _jinja_env().from_string(self._template_src or _CHATML)
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self._text(self.bos_id), eos_token=self._text(self.eos_id))
+        except Exception as e:  # any failure inside an untrusted template
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise _fail(self._source, f"chat template error: {msg}") from None
+
+    def _text(self, token_id: int | None) -> str:
+        return "" if token_id is None else self._tokens[token_id]
+
+
+def _jinja_env():
+    """An immutable sandbox with the helpers HF transformers gives chat templates."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
