@@ -7,7 +7,13 @@ final_norm, lm_head).
 """
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
+
 import numpy as np
+
+from trace.aprt import create_aprt, partial_path, stage_path
 
 
 class NullSink:
@@ -43,3 +49,73 @@ class NullSink:
 
     def abort(self) -> None:
         """Called when the forward failed."""
+
+
+class TraceSink:
+    """Hands out, for each (stage, layer) the plan wants, a memmap of a new APRT file's body.
+
+    The file is created as ``<final path>.partial`` at its final size, so the forward's
+    kernels write straight into it (zero copy). ``finish()`` publishes the files by
+    renaming; ``abort()`` deletes them, so a failed forward leaves nothing that looks
+    complete. Unwanted stages get scratch from an internal NullSink. Used as a context
+    manager it finishes on a clean exit and aborts on an exception.
+    """
+
+    def __init__(self, out_dir, plan, n_layers: int):
+        bad = [layer for layer in plan.layers if not 0 <= layer < n_layers]
+        if bad:
+            raise ValueError(f"plan layer {bad[0]} is out of range: the model has {n_layers} layers")
+        self.out_dir = Path(out_dir)
+        self.plan = plan
+        self.n_layers = n_layers
+        self._scratch = NullSink()
+        self._requested: set[tuple[str, int | None]] = set()
+        self._open: list[tuple[str, int | None, tuple, Path, np.memmap]] = []
+
+    def reserve(self, stage: str, size: int) -> None:
+        """Preallocate scratch for unwanted stages (see NullSink.reserve)."""
+        self._scratch.reserve(stage, size)
+
+    def buffer(self, stage: str, layer: int | None, shape: tuple) -> np.ndarray:
+        """The float32 array of `shape` the forward computes (stage, layer) into."""
+        key = (stage, layer)
+        if key in self._requested:
+            raise ValueError(f"stage {stage} layer {layer} was requested twice in one forward")
+        self._requested.add(key)
+        if not self.plan.wants(stage, layer):
+            return self._scratch.buffer(stage, layer, shape)
+        path = stage_path(self.out_dir, stage, layer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = create_aprt(partial_path(path), layer, math.prod(shape))
+        self._open.append((stage, layer, tuple(shape), path, body))
+        return body.reshape(shape)
+
+    def finish(self) -> list[tuple[str, int | None, tuple, Path]]:
+        """Flush and publish every file of this forward; return (stage, layer, shape, path) for each."""
+        written = []
+        for stage, layer, shape, path, body in self._open:
+            body.flush()
+            os.replace(partial_path(path), path)
+            written.append((stage, layer, shape, path))
+        self._reset()
+        return written
+
+    def abort(self) -> None:
+        """Delete this forward's unfinished files."""
+        for _, _, _, path, _ in self._open:
+            partial_path(path).unlink(missing_ok=True)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._open = []
+        self._requested = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+        return False
