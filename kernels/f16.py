@@ -1,0 +1,19 @@
+"""float16 -> float32 for Numba kernels, via a table over all 65536 bit patterns.
+
+Numba's float16 support is limited, so kernels read the two little-endian bytes
+of an f16 field and look the value up in `F16_TO_F32` (256 KiB, built once,
+bit-identical to numpy's float16 -> float32 conversion, NaN payloads included).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+F16_TO_F32 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+F16_TO_F32.flags.writeable = False
+
+
+@njit(cache=True, inline="always")
+def half(row, o, lut):
+    """The f16 stored at bytes row[o], row[o+1] (little-endian), as float32."""
+    return lut[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]

@@ -1,0 +1,105 @@
+"""Public entry points: fused dequantize-matmul, embedding lookup, dequantize.
+
+`matmul` picks a fused matvec kernel for one token (decode) and the batched
+kernel, which decodes every weight block once per call and reuses it for all
+tokens, for two or more (prefill; at n=2 it already matches or beats two
+matvecs). Weights are never materialised as floats.
+
+Accuracy: each dequantized weight equals gguf's float32 value bit for bit; the
+dot products accumulate in float32 in a blocked order, so
+|out - x @ W.T| <= 1e-4 * (|x| @ |W|.T) for rows up to ~25000 columns (the
+derivation is in tests/test_quant_kernels.py).
+
+Numba's cache keys each kernel on its own source file only: after editing
+kernels/_dequant.py or kernels/f16.py, delete kernels/__pycache__/*.nb[ic] or
+the kernels that inline them keep running the old code.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kernels._dequant import dequantize_rows
+from kernels._gemm import gemm
+from kernels._matvec import mv_float, mv_q4_1, mv_q4_k, mv_q5_0, mv_q6_k, mv_q8_0
+from kernels.f16 import F16_TO_F32
+from kernels.quants import F16, F32, GGML_TYPES, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, type_name
+
+SUPPORTED = (F32, F16, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)
+_MATVEC = {Q4_K: mv_q4_k, Q6_K: mv_q6_k, Q4_1: mv_q4_1, Q5_0: mv_q5_0, Q8_0: mv_q8_0}
+_FLOAT_DTYPES = {F32: np.float32, F16: np.float16}
+
+
+def _weight_bytes(w, qtype: int) -> tuple[np.ndarray, int]:
+    """Validate W and return (read-only uint8 [rows, row_bytes] view, cols)."""
+    if qtype not in SUPPORTED:
+        raise ValueError(f"unsupported weight type {type_name(qtype)} "
+                         f"(supported: {', '.join(type_name(t) for t in SUPPORTED)})")
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"weights must be 2-D [rows, row_bytes], got shape {w.shape}")
+    if not w.flags.c_contiguous:
+        raise ValueError("weights must be C-contiguous")
+    if qtype in _FLOAT_DTYPES and w.dtype == _FLOAT_DTYPES[qtype]:
+        w = w.view(np.uint8)
+    elif w.dtype != np.uint8:
+        raise ValueError(f"{type_name(qtype)} weights must be uint8 bytes, got {w.dtype}")
+    elems, bsize = GGML_TYPES[qtype]
+    if w.shape[1] % bsize:
+        raise ValueError(f"{type_name(qtype)} row of {w.shape[1]} bytes is not a whole number of "
+                         f"{bsize}-byte blocks")
+    w = w.view()
+    w.flags.writeable = False
+    return w, w.shape[1] // bsize * elems
+
+
+def _float_out(out, shape) -> np.ndarray:
+    """Validate an output: float32, writable, `shape`, unit stride along its last axis.
+
+    Rows may be strided, e.g. out = buf[:, a:b], a column block of a wider buffer."""
+    arr = np.asarray(out)
+    if (arr.dtype != np.float32 or arr.shape != shape or not arr.flags.writeable
+            or (arr.size and arr.strides[1] != 4)):
+        raise ValueError(f"out must be a writable float32 array of shape {shape} with contiguous rows, "
+                         f"got {arr.dtype} {arr.shape} strides {arr.strides}")
+    return arr
+
+
+def matmul(w, qtype: int, x: np.ndarray, out: np.ndarray) -> None:
+    """out[n, rows] = x[n, cols] @ W.T for W stored as GGML type qtype (see module doc).
+
+    x should be C-contiguous (a strided x is copied first); out may have strided rows."""
+    w, cols = _weight_bytes(w, qtype)
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2):
+        raise ValueError("x must be a float32 array [n, cols]")
+    if x.shape[1] != cols:
+        raise ValueError(f"x has {x.shape[1]} columns but the {type_name(qtype)} weights have {cols}")
+    x = np.ascontiguousarray(x)
+    out = _float_out(out, (x.shape[0], w.shape[0]))
+    if x.shape[0] == 1 and qtype in _MATVEC:
+        _MATVEC[qtype](w, x[0], out[0], F16_TO_F32)
+    elif x.shape[0] == 1:
+        mv_float(w, qtype, x[0], out[0], F16_TO_F32)
+    elif x.shape[0] > 1:
+        gemm(w, qtype, x, out, F16_TO_F32)
+
+
+def get_rows(w, qtype: int, ids: np.ndarray, out: np.ndarray) -> None:
+    """Embedding lookup: out[i, :] = dequantized row ids[i] of W."""
+    w, cols = _weight_bytes(w, qtype)
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise ValueError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= w.shape[0]):
+        raise ValueError(f"ids out of range [0, {w.shape[0]}): min {ids.min()}, max {ids.max()}")
+    out = _float_out(out, (ids.shape[0], cols))
+    dequantize_rows(w, qtype, ids.astype(np.int64, copy=False), out, F16_TO_F32)
+
+
+def dequantize(w, qtype, shape) -> np.ndarray:
+    """Test/debug helper: the whole of W as float32 [rows, cols]."""
+    w, cols = _weight_bytes(w, qtype)
+    if tuple(shape) != (w.shape[0], cols):
+        raise ValueError(f"shape {tuple(shape)} does not match the weights' {(w.shape[0], cols)}")
+    out = np.empty((w.shape[0], cols), np.float32)
+    get_rows(w, qtype, np.arange(w.shape[0]), out)
+    return out
