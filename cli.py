@@ -1,0 +1,252 @@
+"""numgguf: run, trace and inspect GGUF language models on the CPU.
+
+Usage:
+  cli run [MODEL] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--raw] [--threads N] [--ctx N]
+  cli score [MODEL] (--text TEXT | --ids IDS) [--raw] [--top N] [--json] [--threads N]
+  cli trace [MODEL] [--prompt TEXT] [--raw] [--stages LIST] [--layers RANGE] [--out DIR] [--stats] [--force] [--threads N]
+  cli diff PATH_A PATH_B [--atol X] [--rtol Y] [--json]
+  cli tokenize [MODEL] TEXT [--special]
+  cli fetch [KEY]
+  cli inspect MODEL
+  cli (-h | --help)
+
+Commands:
+  run        Generate text (streamed to stdout; statistics on stderr).
+  score      Teacher-forced forward over a sequence: log p of each next token, top-N, perplexity.
+  trace      One prefill forward with the selected stages written as APRT files (zero copy).
+  diff       Compare two captures (or two .bin files); name the first stage that parts.
+  tokenize   Print token ids as a JSON list (like llama.cpp's llama-tokenize).
+  fetch      Download and verify a known model into the cache (all of them without KEY).
+  inspect    Print a model's config and a table of its tensor types.
+
+MODEL is a known key (fetched on first use) or a path to a GGUF file;
+default qwen2.5-coder-1.5b-q4_k_m. Known keys: qwen2.5-coder-1.5b-q4_k_m,
+qwen2.5-coder-0.5b-q4_k_m, smollm2-135m-q4_1.
+
+Options:
+  --prompt TEXT      The prompt (run: "Write a Python function that reverses a string.";
+                     trace: "What is 2+2?").
+  --raw              Send the text as is (special tokens like <|im_start|> in it are parsed);
+                     otherwise the model's chat template is applied.
+  --max-tokens N     Stop after N generated tokens [default: 256].
+  --temperature T    0 = greedy [default: 0].
+  --top-k K          Keep the K most likely tokens, 0 = off [default: 0].
+  --top-p P          Nucleus sampling mass in (0, 1] [default: 1.0].
+  --seed S           Seed for sampling (runs with the same seed repeat).
+  --threads N        Worker threads [default: 2].
+  --ctx N            Context size in tokens (default: the model's, at most 4096).
+  --text TEXT        Text to score.
+  --ids IDS          Comma-separated token ids to score, e.g. 9707,11,1879.
+  --top N            Candidates to show per position [default: 5].
+  --json             Print one JSON object.
+  --stages LIST      Comma list of stage names, layer_output, or all [default: all].
+  --layers RANGE     Layers to capture: 0-3, 5, 0-3,7 or all [default: all].
+  --out DIR          Capture folder (default: traces/<model>-<time>).
+  --stats            Print and store per-stage activation statistics.
+  --force            Replace the capture in a non-empty --out folder.
+  --atol X           Absolute tolerance of diff [default: 1e-8].
+  --rtol Y           Relative tolerance of diff [default: 1e-5].
+  --special          Parse special-token text (e.g. <|im_start|>) as special tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads fight Numba's
+
+
+def _int(args, key, lo=None, hi=None):
+    v = args[key]
+    if v is None:
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise EngineError(f"{key} must be an integer, got {v!r}") from None
+    if (lo is not None and n < lo) or (hi is not None and n > hi):
+        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise EngineError(f"{key} must be {rng}, got {n}")
+    return n
+
+
+def _float(args, key):
+    v = args[key]
+    try:
+        x = float(v)
+    except ValueError:
+        raise EngineError(f"{key} must be a number, got {v!r}") from None
+    if x != x or x in (float("inf"), float("-inf")):
+        raise EngineError(f"{key} must be finite, got {v!r}")
+    return x
+
+
+RUN_PROMPT = "Write a Python function that reverses a string."
+TRACE_PROMPT = "What is 2+2?"  # the prompt `apr trace` uses
+
+
+def _load(args, threads=None, n_ctx=None):
+    from engine.api import Engine
+    return Engine.load(args["MODEL"], n_ctx=n_ctx, threads=threads)
+
+
+def cmd_run(args) -> int:
+    from engine.generate import GenStats
+    from engine.sampling import Sampler
+    max_tokens = _int(args, "--max-tokens", 1, 1_000_000)
+    threads = _int(args, "--threads", 1)
+    n_ctx = _int(args, "--ctx", 1, 1 << 20)
+    sampler = Sampler(_float(args, "--temperature"), _int(args, "--top-k", 0), _float(args, "--top-p"),
+                      _int(args, "--seed"))
+    eng = _load(args, threads, n_ctx)
+    prompt = args["--prompt"] if args["--prompt"] is not None else RUN_PROMPT
+    ids = eng.prompt_ids(prompt, raw=args["--raw"])
+    stats = GenStats()
+    dec = eng.tokenizer.stream_decoder()
+    eog = eng.tokenizer.eog_ids
+    for tok in eng.generate(ids, max_tokens=max_tokens, sampler=sampler, stats=stats):
+        if tok not in eog:
+            sys.stdout.write(dec.push(tok))
+        sys.stdout.flush()
+    sys.stdout.write(dec.flush() + "\n")
+    sys.stdout.flush()
+    print(f"prompt tokens: {stats.prompt_tokens}, prefill {stats.prefill_tok_s:.1f} tok/s, "
+          f"generated {stats.generated} tokens, decode {stats.decode_tok_s:.1f} tok/s, "
+          f"first token after {stats.first_token_s:.2f} s, stop: {stats.stop_reason}", file=sys.stderr)
+    return 0
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise EngineError(f"--ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise EngineError("--ids is empty")
+    return ids
+
+
+def cmd_score(args) -> int:
+    top = _int(args, "--top", 0, 1000)
+    eng = _load(args, _int(args, "--threads", 1))
+    if args["--ids"] is not None:
+        ids = _parse_ids(args["--ids"])
+        bad = [i for i in ids if not 0 <= i < eng.config.vocab]
+        if bad:
+            raise EngineError(f"--ids: token id {bad[0]} is out of range [0, {eng.config.vocab})")
+    else:
+        ids = eng.prompt_ids(args["--text"], raw=args["--raw"])
+    if len(ids) > eng.n_ctx:
+        eng = _load(args, None, len(ids))
+    result = eng.score(ids, top=top)
+    if args["--json"]:
+        print(json.dumps(result))
+        return 0
+    tok = eng.tokenizer
+    for p in result["positions"]:
+        piece = tok.token_bytes(result["ids"][p["pos"]]).decode("utf-8", "replace")
+        nxt = "" if p["next_id"] is None else f"next {p['next_id']:>7} logp {p['logprob']:9.4f}"
+        tops = " ".join(f"{t}:{l:.2f}" for t, l in p["top"])
+        print(f"{p['pos']:5d} {piece!r:>16} {nxt:<31} top: {tops}")
+    ppl = result["perplexity"]
+    print(f"perplexity: {ppl:.4f}" if ppl is not None else "perplexity: n/a (one token)")
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from pathlib import Path
+    from engine.fetch import MODELS, DEFAULT_MODEL
+    from trace.capture import capture, file_sha256, format_stats, prepare_out_dir
+    from trace.plan import PlanError, TracePlan
+    eng = _load(args, _int(args, "--threads", 1))
+    prompt = args["--prompt"] if args["--prompt"] is not None else TRACE_PROMPT
+    ids = eng.prompt_ids(prompt, raw=args["--raw"])
+    try:
+        plan = TracePlan.parse(args["--stages"], args["--layers"], eng.config.n_layers)
+    except PlanError as e:
+        raise EngineError(str(e)) from None
+    key = args["MODEL"] or DEFAULT_MODEL
+    name = key if key in MODELS else Path(key).stem
+    out = Path(args["--out"] or f"traces/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    prepare_out_dir(out, args["--force"])
+    sha = MODELS[key].sha256 if key in MODELS else file_sha256(eng.path)
+    manifest = capture(eng, ids, plan, out, prompt, with_stats=args["--stats"], model_sha256=sha,
+                       progress=sys.stderr.isatty())
+    if args["--stats"]:
+        print(format_stats(manifest))
+    print(f"wrote {len(manifest['files'])} files for {len(ids)} tokens to {out}", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from trace.aprt import AprtError
+    from trace.diff import DiffError, diff_captures, format_report
+    try:
+        report = diff_captures(args["PATH_A"], args["PATH_B"], atol=_float(args, "--atol"),
+                               rtol=_float(args, "--rtol"))
+    except (AprtError, DiffError) as e:
+        raise EngineError(str(e)) from None
+    if args["--json"]:
+        print(json.dumps(report.to_json()))
+    else:
+        print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_tokenize(args) -> int:
+    from engine.fetch import resolve_model
+    from engine.gguf_reader import GGUFFile
+    from engine.tokenizer import Tokenizer
+    path = resolve_model(args["MODEL"])
+    tok = Tokenizer.from_metadata(GGUFFile(path).metadata, source=str(path))
+    print(json.dumps(tok.encode(args["TEXT"], parse_special=args["--special"])))
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from engine.fetch import MODELS, fetch
+    keys = [args["KEY"]] if args["KEY"] else list(MODELS)
+    for key in keys:
+        print(fetch(key))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from engine.inspect import describe
+    print(describe(args["MODEL"]))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "score": cmd_score, "trace": cmd_trace, "diff": cmd_diff, "tokenize": cmd_tokenize, "fetch": cmd_fetch,
+            "inspect": cmd_inspect}
+
+
+def main(argv=None) -> int:
+    from docopt import DocoptExit, docopt
+    try:
+        args = docopt(__doc__, argv=argv, default_help=True)
+    except DocoptExit:
+        print("error: invalid command line; see `python -m cli --help` for usage", file=sys.stderr)
+        return 2
+    try:
+        for name, fn in COMMANDS.items():
+            if args[name]:
+                return fn(args)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    return 2
+
+
+from engine.errors import EngineError  # noqa: E402  (light import, after the env is set)
+
+if __name__ == "__main__":
+    sys.exit(main())

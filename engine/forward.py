@@ -1,0 +1,101 @@
+"""The transformer forward: one function over preallocated run state and a sink.
+
+Every stage's values are computed into `sink.buffer(stage, layer, shape)`, so a
+trace sink can hand out memory-mapped file windows and capture them with no copy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.errors import EngineError
+from engine.kv_cache import KVCache
+from engine.model import Config, Weights
+from kernels.attention import attention, store_kv
+from kernels.elementwise import add, add_bias, silu_and_swiglu
+from kernels.matmul import get_rows, matmul
+from kernels.norm import rmsnorm
+from kernels.rope import rope, rope_inv_freq
+
+
+class Model:
+    """Config + Weights + the small derived constants the forward needs."""
+
+    def __init__(self, cfg: Config, weights: Weights):
+        self.cfg = cfg
+        self.weights = weights
+        self.inv_freq = rope_inv_freq(cfg.n_rot, cfg.rope_base)
+        self.attn_scale = 1.0 / np.sqrt(cfg.head_dim)
+        # q, k and v biases side by side, matching the qkv_matmul layout
+        self.qkv_bias = [np.concatenate([l.bq, l.bk, l.bv]) if cfg.qkv_bias else None
+                         for l in weights.layers]
+
+
+def _mm(w, x, out):
+    matmul(w.data, w.qtype, x, out)
+
+
+def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_logits: bool = False):
+    """Run tokens (int array [n]) at positions pos0..pos0+n-1; return logits.
+
+    The KV cache must hold positions 0..pos0-1. Returns the lm_head buffer:
+    [n, vocab] if all_logits else [1, vocab] (last position only).
+    """
+    cfg, w = model.cfg, model.weights
+    n = len(tokens)
+    if n == 0:
+        raise EngineError("forward: no tokens")
+    if pos0 + n > kv.n_ctx:
+        raise EngineError(f"context full: {pos0 + n} tokens exceed the context size {kv.n_ctx}")
+    if tokens.min() < 0 or tokens.max() >= cfg.vocab:
+        raise EngineError(f"token id out of range [0, {cfg.vocab})")
+    positions = kv.positions[pos0:pos0 + n]
+    qd, kvd, n_keys = cfg.q_dim, cfg.kv_dim, pos0 + n
+
+    x = sink.buffer("embedding", None, (n, cfg.dim))
+    get_rows(w.token_embd.data, w.token_embd.qtype, tokens, x)
+    for li, layer in enumerate(w.layers):
+        h = sink.buffer("attn_norm", li, (n, cfg.dim))
+        rmsnorm(x, layer.attn_norm, cfg.eps, h)
+        qkv = sink.buffer("qkv_matmul", li, (n, qd + 2 * kvd))
+        _mm(layer.wq, h, qkv[:, :qd])
+        _mm(layer.wk, h, qkv[:, qd:qd + kvd])
+        _mm(layer.wv, h, qkv[:, qd + kvd:])
+        if model.qkv_bias[li] is not None:
+            biased = sink.buffer("qkv_bias", li, (n, qd + 2 * kvd))
+            add_bias(qkv, model.qkv_bias[li], biased)
+            qkv = biased
+        q_rope = sink.buffer("q_post_rope", li, (n, qd))
+        rope(qkv[:, :qd], positions, cfg.n_heads, cfg.head_dim, cfg.n_rot, model.inv_freq, cfg.rope_neox, q_rope)
+        k_rope = sink.buffer("k_post_rope", li, (n, kvd))
+        rope(qkv[:, qd:qd + kvd], positions, cfg.n_kv_heads, cfg.head_dim, cfg.n_rot, model.inv_freq,
+             cfg.rope_neox, k_rope)
+        store_kv(k_rope, qkv[:, qd + kvd:], kv.k[li], kv.v[li], pos0, cfg.n_kv_heads, cfg.head_dim)
+        scores = sink.buffer("attn_scores", li, (cfg.n_heads, n, n_keys))
+        probs = sink.buffer("attn_softmax", li, (cfg.n_heads, n, n_keys))
+        att = sink.buffer("attention", li, (n, qd))
+        attention(q_rope, kv.k[li], kv.v[li], pos0, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                  model.attn_scale, scores, probs, att)
+        att_out = sink.buffer("attn_out", li, (n, cfg.dim))
+        _mm(layer.wo, att, att_out)
+        resid = sink.buffer("post_attn_residual", li, (n, cfg.dim))
+        add(x, att_out, resid)
+        h = sink.buffer("ffn_norm", li, (n, cfg.dim))
+        rmsnorm(resid, layer.ffn_norm, cfg.eps, h)
+        gate = sink.buffer("ffn_gate", li, (n, cfg.ffn_dim))
+        _mm(layer.w_gate, h, gate)
+        up = sink.buffer("ffn_up", li, (n, cfg.ffn_dim))
+        _mm(layer.w_up, h, up)
+        silu = sink.buffer("ffn_silu", li, (n, cfg.ffn_dim))
+        swigl = sink.buffer("ffn_swigl", li, (n, cfg.ffn_dim))
+        silu_and_swiglu(gate, up, silu, swigl)
+        down = sink.buffer("ffn_out", li, (n, cfg.dim))
+        _mm(layer.w_down, swigl, down)
+        x_next = sink.buffer("post_ffn_residual", li, (n, cfg.dim))
+        add(resid, down, x_next)
+        x = x_next
+    normed = sink.buffer("final_norm", None, (n, cfg.dim))
+    rmsnorm(x, w.output_norm, cfg.eps, normed)
+    rows = normed if all_logits else normed[n - 1:]
+    logits = sink.buffer("lm_head", None, (rows.shape[0], cfg.vocab))
+    _mm(w.output, rows, logits)
+    return logits

@@ -1,0 +1,79 @@
+"""Generation: prefill the prompt as matrices (in chunks), then decode one token per step."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.errors import EngineError
+from engine.forward import Model, forward
+from engine.kv_cache import KVCache
+from engine.sampling import Sampler
+
+PREFILL_CHUNK = 256  # tokens per prefill forward: bounds scratch memory for long prompts
+
+
+@dataclass
+class GenStats:
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    generated: int = 0
+    decode_s: float = 0.0
+    first_token_s: float = 0.0
+    stop_reason: str = ""
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first token comes from the prefill's logits; later ones from decode steps
+        steps = max(self.generated - 1, 0)
+        return steps / self.decode_s if self.decode_s else 0.0
+
+
+def prefill(model: Model, kv: KVCache, ids: np.ndarray, sink, chunk: int = PREFILL_CHUNK) -> np.ndarray:
+    """Run the prompt through the model in chunks; return the last position's logits [vocab]."""
+    logits = None
+    for start in range(0, len(ids), chunk):
+        logits = forward(model, kv, ids[start:start + chunk], start, sink)
+    return logits[0]
+
+
+def generate(model: Model, kv: KVCache, prompt_ids, max_tokens: int, sampler: Sampler, sink,
+             stop_ids=frozenset(), stats: GenStats | None = None):
+    """Yield generated token ids until a stop id (yielded too), max_tokens or a full context."""
+    ids = np.asarray(prompt_ids, dtype=np.int64)
+    if len(ids) == 0:
+        raise EngineError("the prompt is empty (0 tokens)")
+    if len(ids) >= kv.n_ctx:
+        raise EngineError(f"the prompt has {len(ids)} tokens; it must be shorter than the context size {kv.n_ctx}")
+    stats = stats if stats is not None else GenStats()
+    stats.prompt_tokens = len(ids)
+    t0 = time.perf_counter()
+    logits = prefill(model, kv, ids, sink)
+    stats.prefill_s = time.perf_counter() - t0
+    token_buf = np.empty(1, dtype=np.int64)
+    pos = len(ids)
+    for i in range(max_tokens):
+        tok = sampler(logits)
+        stats.generated += 1
+        if i == 0:
+            stats.first_token_s = time.perf_counter() - t0
+        yield tok
+        if tok in stop_ids:
+            stats.stop_reason = "eog"
+            return
+        if i + 1 == max_tokens:
+            break
+        if pos >= kv.n_ctx:
+            stats.stop_reason = "context full"
+            return
+        t_step = time.perf_counter()
+        token_buf[0] = tok
+        logits = forward(model, kv, token_buf, pos, sink)[0]
+        pos += 1
+        stats.decode_s += time.perf_counter() - t_step
+    stats.stop_reason = "max tokens"
