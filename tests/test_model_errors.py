@@ -1,0 +1,95 @@
+"""Every bad-input case of model loading ends in a one-line error naming the file (and tensor), exit 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+
+from tests.conftest import REPO
+from tests.synthetic import write_tiny_model
+
+F32 = GGMLQuantizationType.F32
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(res, *needles):
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    err = res.stderr.strip()
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, f"{n!r} not in {err!r}"
+
+
+@pytest.fixture
+def good(tmp_path):
+    return write_tiny_model(tmp_path / "good.gguf", qtype=F32)
+
+
+def test_good_synthetic_model_inspects(good):
+    res = run_cli("inspect", good)
+    assert res.returncode == 0, res.stderr
+    assert "n_layers" in res.stdout and "F32" in res.stdout
+
+
+def test_not_gguf(tmp_path):
+    p = tmp_path / "notes.gguf"
+    p.write_bytes(b"hello, this is not a model\n" * 10)
+    assert_one_line_error(run_cli("inspect", p), str(p), "not a GGUF file")
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.gguf"
+    p.write_bytes(b"")
+    assert_one_line_error(run_cli("inspect", p), str(p), "not a GGUF file")
+
+
+@pytest.mark.parametrize("cut", [6, 20, 300, 2000])
+def test_truncated_header(good, tmp_path, cut):
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(good.read_bytes()[:cut])
+    assert_one_line_error(run_cli("inspect", p), str(p), "truncated")
+
+
+def test_tensor_past_end_of_file(good, tmp_path):
+    p = tmp_path / "short.gguf"
+    p.write_bytes(good.read_bytes()[:-1000])
+    assert_one_line_error(run_cli("inspect", p), str(p), "tensor blk.1.ffn_down.weight", "past the end")
+
+
+def test_unsupported_architecture(tmp_path):
+    p = write_tiny_model(tmp_path / "gpt.gguf", arch="gptneox", qtype=F32)
+    assert_one_line_error(run_cli("inspect", p), str(p), "unsupported architecture 'gptneox'")
+
+
+def test_unsupported_tensor_type(tmp_path):
+    p = write_tiny_model(tmp_path / "q40.gguf", qtype=GGMLQuantizationType.Q4_0)
+    assert_one_line_error(run_cli("inspect", p), str(p), "tensor token_embd.weight", "unsupported tensor type Q4_0")
+
+
+def test_missing_tensor(tmp_path):
+    p = write_tiny_model(tmp_path / "miss.gguf", qtype=F32, skip_tensors={"blk.1.ffn_up.weight"})
+    assert_one_line_error(run_cli("inspect", p), str(p), "missing tensor blk.1.ffn_up.weight")
+
+
+def test_shape_disagrees_with_config(tmp_path):
+    p = write_tiny_model(tmp_path / "shape.gguf", qtype=F32, overrides={"uint32": {"feed_forward_length": 384}})
+    assert_one_line_error(run_cli("inspect", p), str(p), "tensor blk.0.ffn_gate.weight", "shape", "[256, 384]")
+
+
+def test_nonexistent_path(tmp_path):
+    p = tmp_path / "nope.gguf"
+    assert_one_line_error(run_cli("inspect", p), str(p))
+
+
+def test_run_on_bad_file_exits_2_before_any_forward(tmp_path):
+    p = tmp_path / "notes.gguf"
+    p.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 8)
+    assert_one_line_error(run_cli("run", p, "--prompt", "hi", "--max-tokens", "2"), str(p))
