@@ -53,7 +53,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads fight Numba's
 
@@ -158,39 +157,63 @@ def cmd_score(args) -> int:
 def cmd_trace(args) -> int:
     from pathlib import Path
     from engine.fetch import MODELS, DEFAULT_MODEL
-    from trace.capture import capture, file_sha256, format_stats, prepare_out_dir
-    from trace.plan import PlanError, TracePlan
-    eng = _load(args, _int(args, "--threads", 1))
-    prompt = args["--prompt"] if args["--prompt"] is not None else TRACE_PROMPT
-    ids = eng.prompt_ids(prompt, raw=args["--raw"])
-    try:
-        plan = TracePlan.parse(args["--stages"], args["--layers"], eng.config.n_layers)
+    from trace.capture import (capture, check_out_dir, default_out_dir, file_sha256, format_stats, plan_for_model,
+                               prepare_out_dir)
+    from trace.plan import PlanError, parse_stages
+    threads = _int(args, "--threads", 1)
+    try:  # stage names need no model: fail before loading one
+        parse_stages(args["--stages"])
     except PlanError as e:
         raise EngineError(str(e)) from None
+    if args["--out"] is not None:
+        check_out_dir(Path(args["--out"]), args["--force"])
+    eng = _load(args, threads)
+    prompt = args["--prompt"] if args["--prompt"] is not None else TRACE_PROMPT
+    ids = eng.prompt_ids(prompt, raw=args["--raw"])
+    plan = plan_for_model(args["--stages"], args["--layers"], eng.config)
+    if not ids:
+        raise EngineError("the prompt has no tokens; nothing to trace")
+    if len(ids) > eng.n_ctx:
+        eng = _load(args, None, len(ids))
     key = args["MODEL"] or DEFAULT_MODEL
     name = key if key in MODELS else Path(key).stem
-    out = Path(args["--out"] or f"traces/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    prepare_out_dir(out, args["--force"])
+    out = Path(args["--out"]) if args["--out"] is not None else default_out_dir(name)
     sha = MODELS[key].sha256 if key in MODELS else file_sha256(eng.path)
+    prepare_out_dir(out, args["--force"])
     manifest = capture(eng, ids, plan, out, prompt, with_stats=args["--stats"], model_sha256=sha,
                        progress=sys.stderr.isatty())
     if args["--stats"]:
         print(format_stats(manifest))
-    print(f"wrote {len(manifest['files'])} files for {len(ids)} tokens to {out}", file=sys.stderr)
+    print(f"wrote {len(manifest['files'])} files for {len(ids)} tokens in {manifest['forward_seconds']:.2f} s",
+          file=sys.stderr)
     print(out)
     return 0
 
 
 def cmd_diff(args) -> int:
+    import math
     from trace.aprt import AprtError
     from trace.diff import DiffError, diff_captures, format_report
+    atol, rtol = _float(args, "--atol"), _float(args, "--rtol")
+    for flag, v in (("--atol", atol), ("--rtol", rtol)):
+        if v < 0:
+            raise EngineError(f"{flag} must be >= 0, got {v:g}")
     try:
-        report = diff_captures(args["PATH_A"], args["PATH_B"], atol=_float(args, "--atol"),
-                               rtol=_float(args, "--rtol"))
+        report = diff_captures(args["PATH_A"], args["PATH_B"], atol=atol, rtol=rtol)
     except (AprtError, DiffError) as e:
         raise EngineError(str(e)) from None
+
+    def strict(v):  # JSON has no Infinity/NaN: non-finite floats become the strings "inf", "-inf", "nan"
+        if isinstance(v, float) and not math.isfinite(v):
+            return "nan" if v != v else ("inf" if v > 0 else "-inf")
+        if isinstance(v, dict):
+            return {k: strict(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [strict(x) for x in v]
+        return v
+
     if args["--json"]:
-        print(json.dumps(report.to_json()))
+        print(json.dumps(strict(report.to_json()), allow_nan=False))
     else:
         print(format_report(report))
     return 0 if report.ok else 1

@@ -28,6 +28,14 @@ def set_threads(n: int | None) -> None:
     numba.set_num_threads(n)
 
 
+def _note_first_compile() -> None:
+    """Say on stderr that kernels are being compiled when Numba's on-disk cache is empty."""
+    import sys
+    cache = Path(__file__).resolve().parents[1] / "kernels" / "__pycache__"
+    if not any(cache.glob("*.nbi")):
+        print("compiling kernels with Numba (once; later runs load them from the cache)...", file=sys.stderr)
+
+
 class Engine:
     """A loaded model: config, memory-mapped weights, tokenizer and a KV cache."""
 
@@ -51,7 +59,10 @@ class Engine:
              quiet: bool = False) -> "Engine":
         """Load a model by key (fetched on first use) or GGUF path."""
         set_threads(threads)
-        return cls(resolve_model(model, quiet=quiet), n_ctx=n_ctx)
+        path = resolve_model(model, quiet=quiet)
+        if not quiet:
+            _note_first_compile()
+        return cls(path, n_ctx=n_ctx)
 
     # -- prompts ---------------------------------------------------------------------
     def prompt_ids(self, text: str, raw: bool = False) -> list[int]:

@@ -5,22 +5,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import engine_for, model_file
-
-
-class KeepSink:
-    """A test sink that hands out a fresh array per (stage, layer) and keeps them all."""
-
-    def __init__(self):
-        self.kept = {}
-
-    def buffer(self, stage, layer, shape):
-        assert (stage, layer) not in self.kept, f"{stage} layer {layer} requested twice"
-        self.kept[stage, layer] = np.full(shape, np.nan, dtype=np.float32)
-        return self.kept[stage, layer]
-
-
-def _rel_err(ours, ref):
-    return float(np.max(np.abs(ours.astype(np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30))
+from tests.helpers import KeepSink, rel_err
 
 
 # Our kernels and numpy differ only in float32 summation order (and exp/cos/sin
@@ -44,7 +29,7 @@ def test_every_stage_matches_numpy_reference(key):
         got = sink.kept[stage, layer]
         assert got.shape == want.shape, (stage, layer)
         assert not np.isnan(got).any(), f"{stage}/{layer} not fully written"
-        err = _rel_err(got, want)
+        err = rel_err(got, want)
         assert err <= STAGE_REL_TOL, f"{stage} layer {layer}: relative error {err:.2e}"
         compared += 1
     assert compared >= 16 * n_layers

@@ -10,7 +10,8 @@ from engine.forward import forward
 from engine.sampling import Sampler
 from tests.reference_forward import ReferenceModel
 from tests.synthetic import write_tiny_model
-from tests.test_forward import STAGE_REL_TOL, KeepSink, _rel_err
+from tests.helpers import KeepSink, rel_err
+from tests.test_forward import STAGE_REL_TOL
 
 PROMPT = "the theater is on the other side"
 
@@ -32,7 +33,7 @@ def test_every_stage_matches_numpy_reference(tiny):
     for (stage, layer), want in ref.items():
         got = sink.kept[stage, layer]
         assert got.shape == want.shape, (stage, layer)
-        assert _rel_err(got, want) <= STAGE_REL_TOL, (stage, layer, _rel_err(got, want))
+        assert rel_err(got, want) <= STAGE_REL_TOL, (stage, layer, rel_err(got, want))
     expected = {s for s, _ in sink.kept}
     assert expected == {s for s, _ in ref}, "the forward and the reference expose different stages"
 

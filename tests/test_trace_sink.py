@@ -7,6 +7,7 @@ import pytest
 from trace.aprt import read_aprt
 from trace.plan import TracePlan
 from trace.sink import NullSink, TraceSink
+from tests.helpers import memmap_base
 
 SPECIAL = np.array([0x7FC12345, 0x7FA00001, 0x7F800000, 0xFF800000, 0x80000000, 0x3F800000],
                    dtype=np.uint32).view(np.float32)
@@ -16,13 +17,7 @@ def files(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def memmap_base(arr):
-    """The first np.memmap in arr's base chain that owns the mapping (base is an mmap.mmap)."""
-    while isinstance(arr, np.ndarray):
-        if isinstance(arr, np.memmap) and not isinstance(arr.base, np.ndarray):
-            return arr
-        arr = arr.base
-    return None
+
 
 
 @pytest.fixture

@@ -1,0 +1,198 @@
+"""One traced prefill forward: files through a TraceSink, a manifest, optional statistics.
+
+``capture`` runs ``engine.forward`` once over the prompt with a TraceSink; the
+kernels write the planned stages straight into memory-mapped ``.partial`` files,
+which are renamed to their final names only after the forward returned. Then
+``manifest.json`` is written (atomically, last), so a capture directory with a
+manifest is complete; an interrupted or failed forward leaves neither ``.bin``
+files nor a manifest behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import EngineError
+from trace.aprt import read_aprt
+from trace.plan import PlanError, TracePlan, parse_layers, parse_stages
+from trace.sink import TraceSink
+from trace.stages import WHOLE_MODEL_STAGES
+from trace.stats import attention_rows, stage_stats
+
+ATTENTION_STAGES = ("attn_scores", "attn_softmax")
+MANIFEST = "manifest.json"
+_OUR_FILES = ("*.bin", "*.bin.partial", MANIFEST, MANIFEST + ".partial")
+
+
+def _named(text: str, stage: str) -> bool:
+    return any(item.strip().lower() == stage for item in text.split(","))
+
+
+def plan_for_model(stages_text: str, layers_text: str, cfg) -> TracePlan:
+    """The plan for ``--stages``/``--layers`` on a model with config ``cfg``.
+
+    ``qkv_bias`` exists only in models with q/k/v biases (qwen2): naming it on another
+    model is an error; ``all`` then simply leaves it out.
+    """
+    try:
+        stages = parse_stages(stages_text)
+        layers = parse_layers(layers_text, cfg.n_layers)
+    except PlanError as e:
+        raise EngineError(str(e)) from None
+    if "qkv_bias" in stages and not cfg.qkv_bias:
+        if _named(stages_text, "qkv_bias"):
+            raise EngineError(f"stage qkv_bias does not exist in this {cfg.arch} model (it has no q/k/v bias)")
+        stages = tuple(s for s in stages if s != "qkv_bias")
+    return TracePlan(stages, layers)
+
+
+def check_out_dir(out: Path, force: bool) -> list[Path]:
+    """Raise if `out` cannot take a new capture; return the old capture's files `--force` would remove."""
+    if out.exists() and not out.is_dir():
+        raise EngineError(f"--out {out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    if not force:
+        raise EngineError(f"--out {out} is not empty; choose a new folder or pass --force to replace its capture")
+    files = [p for p in out.rglob("*") if p.is_file() or p.is_symlink()]
+    others = [p for p in files if not any(p.match(g) for g in _OUR_FILES)]
+    if others:
+        raise EngineError(f"--out {out} holds files that are not a capture ({others[0]}); not replacing it")
+    return files
+
+
+def prepare_out_dir(out: Path, force: bool) -> None:
+    """Refuse to mix a new capture into an existing one, unless `force` (then remove the old capture's files)."""
+    for p in check_out_dir(out, force):
+        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def default_out_dir(name: str, root: Path = Path("traces"), now: float | None = None) -> Path:
+    """``<root>/<name>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... if that folder already exists."""
+    base = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
+    out, i = base, 1
+    while out.exists():
+        i += 1
+        out = base.with_name(f"{base.name}-{i}")
+    return out
+
+
+class _Recorder:
+    """Wraps a sink: records every (stage, layer) the forward asks for; reports progress per layer."""
+
+    def __init__(self, sink, n_layers: int, progress: bool):
+        self.sink, self.n_layers, self.progress, self._last = sink, n_layers, progress, -1
+        self.requested: set[tuple[str, int | None]] = set()
+
+    def buffer(self, stage, layer, shape):
+        self.requested.add((stage, layer))
+        if self.progress and layer is not None and layer != self._last:
+            self._last = layer
+            sys.stderr.write(f"\rtracing layer {layer + 1}/{self.n_layers}")
+            sys.stderr.flush()
+        return self.sink.buffer(stage, layer, shape)
+
+    def done(self):
+        if self.progress and self._last >= 0:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def planned_keys(plan: TracePlan) -> list[tuple[str, int | None]]:
+    """Every (stage, layer) the plan captures, in the order the forward computes them."""
+    per_layer = [s for s in plan.stages if s not in WHOLE_MODEL_STAGES]
+    keys = [("embedding", None)] if "embedding" in plan.stages else []
+    keys += [(s, layer) for layer in plan.layers for s in per_layer]
+    return keys + [(s, None) for s in ("final_norm", "lm_head") if s in plan.stages]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(json.dumps(obj, indent=1, allow_nan=False))
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def capture(engine, ids: list[int], plan: TracePlan, out: Path, prompt: str, with_stats: bool = False,
+            model_sha256: str | None = None, progress: bool = False) -> dict:
+    """Run one prefill forward over ids with `plan`'s stages written under `out`; return the manifest.
+
+    `out` must exist. On any exception (including KeyboardInterrupt) during the forward
+    the partial files are deleted and the exception propagates; no manifest is written.
+    """
+    out = Path(out)
+    cfg = engine.config
+    if "qkv_bias" in plan.stages and not cfg.qkv_bias:
+        raise EngineError(f"stage qkv_bias does not exist in this {cfg.arch} model (it has no q/k/v bias)")
+    if not ids:
+        raise EngineError("the prompt has no tokens; nothing to trace")
+    if len(ids) > engine.n_ctx:
+        raise EngineError(f"the prompt has {len(ids)} tokens, more than the context size {engine.n_ctx}")
+    sink = TraceSink(out, plan, cfg.n_layers)
+    recorder = _Recorder(sink, cfg.n_layers, progress)
+    t0 = time.perf_counter()
+    try:
+        engine.forward(ids, pos=0, sink=recorder)
+        missing = [k for k in planned_keys(plan) if k not in recorder.requested]
+        if missing:
+            stage, layer = missing[0]
+            raise EngineError(f"the forward never computed stage {stage}"
+                              + ("" if layer is None else f" of layer {layer}") + f" ({len(missing)} planned files missing)")
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        recorder.done()
+    seconds = time.perf_counter() - t0
+    written = sink.finish()
+    entries = []
+    for stage, layer, shape, path in written:
+        entry = {"stage": stage, "layer": layer, "shape": list(shape), "path": path.relative_to(out).as_posix(),
+                 "count": int(np.prod(shape))}
+        if with_stats:
+            values = np.asarray(read_aprt(path).values).reshape(shape)
+            entry["stats"] = stage_stats(attention_rows(values) if stage in ATTENTION_STAGES else values.reshape(shape[0], -1))
+        entries.append(entry)
+    manifest = {
+        "format": "APRT", "engine": "numgguf", "model": str(engine.path), "sha256": model_sha256,
+        "arch": cfg.arch, "n_layers": cfg.n_layers, "prompt": prompt, "token_ids": [int(i) for i in ids],
+        "n_tokens": len(ids), "stages": list(plan.stages), "layers": list(plan.layers),
+        "forward_seconds": round(seconds, 4), "files": entries,
+    }
+    _write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def format_stats(manifest: dict) -> str:
+    """A table of per-stage statistics (all tokens, then last token)."""
+    rows = [f"{'layer':>5} {'stage':<19} {'scope':<4} {'count':>9} {'min':>11} {'max':>11} {'mean':>11} "
+            f"{'std':>11} {'nan':>5} {'inf':>5} {'zero':>7}"]
+
+    def num(v):
+        return f"{v:11.4g}" if v is not None else f"{'-':>11}"
+
+    for e in manifest["files"]:
+        for scope in ("all", "last"):
+            s = e["stats"][scope]
+            layer = "-" if e["layer"] is None else e["layer"]
+            rows.append(f"{layer:>5} {e['stage']:<19} {scope:<4} {s['count']:>9} {num(s['min'])} {num(s['max'])} "
+                        f"{num(s['mean'])} {num(s['std'])} {s['nan']:>5} {s['inf']:>5} {s['zero']:>7}")
+    return "\n".join(rows)
