@@ -3,8 +3,10 @@
 Usage:
   cli run [MODEL] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--raw] [--threads N] [--ctx N]
   cli score [MODEL] (--text TEXT | --ids IDS) [--raw] [--top N] [--json] [--threads N]
-  cli trace [MODEL] [--prompt TEXT] [--raw] [--stages LIST] [--layers RANGE] [--out DIR] [--stats] [--force] [--threads N]
+  cli trace [MODEL] [--prompt TEXT] [--raw] [--stages LIST] [--layers RANGE] [--out DIR] [--stats] [--force] [--threads N] [--engine NAME]
   cli diff PATH_A PATH_B [--atol X] [--rtol Y] [--json]
+  cli bisect [MODEL] [--prompt TEXT] [--raw] [--reference-model PATH] [--min-cosine C] [--atol X] [--rtol Y] [--plot FILE] [--json] [--threads N]
+  cli bench [MODEL] [--prompt-tokens N] [--gen-tokens N] [--threads N] [--repeat N] [--vs-llama-cpp] [--json]
   cli tokenize [MODEL] TEXT [--special]
   cli fetch [KEY]
   cli inspect MODEL
@@ -15,6 +17,11 @@ Commands:
   score      Teacher-forced forward over a sequence: log p of each next token, top-N, perplexity.
   trace      One prefill forward with the selected stages written as APRT files (zero copy).
   diff       Compare two captures (or two .bin files); name the first stage that parts.
+  bisect     Capture every stage of every layer with our engine and with llama.cpp; name the
+             first (layer, stage) that diverges (needs llama-cpp-python: pip install '.[llamacpp]').
+  bench      Prefill and decode tokens/s, time to first token and peak RSS; with --vs-llama-cpp
+             llama.cpp's on the same file, prompt, threads and greedy decode, measured interleaved,
+             medians and ratios ours/llama.cpp.
   tokenize   Print token ids as a JSON list (like llama.cpp's llama-tokenize).
   fetch      Download and verify a known model into the cache (all of them without KEY).
   inspect    Print a model's config and a table of its tensor types.
@@ -34,7 +41,7 @@ Options:
   --top-p P          Nucleus sampling mass in (0, 1] [default: 1.0].
   --seed S           Seed for sampling (runs with the same seed repeat).
   --threads N        Worker threads [default: 2].
-  --ctx N            Context size in tokens (default: the model's, at most 4096).
+  --ctx N            Context size in tokens (default: the model's, at most 32768).
   --text TEXT        Text to score.
   --ids IDS          Comma-separated token ids to score, e.g. 9707,11,1879.
   --top N            Candidates to show per position [default: 5].
@@ -44,9 +51,17 @@ Options:
   --out DIR          Capture folder (default: traces/<model>-<time>).
   --stats            Print and store per-stage activation statistics.
   --force            Replace the capture in a non-empty --out folder.
-  --atol X           Absolute tolerance of diff [default: 1e-8].
-  --rtol Y           Relative tolerance of diff [default: 1e-5].
+  --atol X           Absolute tolerance (diff: default 1e-8; bisect: off unless given).
+  --rtol Y           Relative tolerance (diff: default 1e-5; bisect: off unless given).
+  --engine NAME      Whose forward trace captures: numgguf or llama.cpp [default: numgguf].
+  --reference-model PATH  The GGUF llama.cpp runs in bisect (default: MODEL itself).
+  --min-cosine C     bisect: a stage agrees when cosine(ours, llama.cpp) >= C [default: 0.99].
+  --plot FILE        bisect: write a per-layer, per-stage heat map of 1 - cosine (needs matplotlib).
   --special          Parse special-token text (e.g. <|im_start|>) as special tokens.
+  --prompt-tokens N  bench: prompt length in tokens [default: 128].
+  --gen-tokens N     bench: greedy tokens to generate [default: 64].
+  --repeat N         bench: interleaved repeats; medians are reported [default: 3].
+  --vs-llama-cpp     bench: measure llama.cpp (llama-cpp-python) on the same file too.
 """
 from __future__ import annotations
 
@@ -162,9 +177,17 @@ def cmd_trace(args) -> int:
     from trace.plan import PlanError, parse_stages
     threads = _int(args, "--threads", 1)
     try:  # stage names need no model: fail before loading one
-        parse_stages(args["--stages"])
+        stages = parse_stages(args["--stages"])
     except PlanError as e:
         raise EngineError(str(e)) from None
+    engine_name = (args["--engine"] or "numgguf").lower()
+    if engine_name not in ("numgguf", "llama.cpp"):
+        raise EngineError(f"--engine must be numgguf or llama.cpp, got {args['--engine']!r}")
+    if engine_name == "llama.cpp":
+        from trace.llama_capture import check_stages
+        from trace.llama_graph import import_llama_cpp
+        import_llama_cpp()
+        check_stages(args["--stages"], stages)
     if args["--out"] is not None:
         check_out_dir(Path(args["--out"]), args["--force"])
     eng = _load(args, threads)
@@ -176,12 +199,17 @@ def cmd_trace(args) -> int:
     if len(ids) > eng.n_ctx:
         eng = _load(args, None, len(ids))
     key = args["MODEL"] or DEFAULT_MODEL
-    name = key if key in MODELS else Path(key).stem
+    name = (key if key in MODELS else Path(key).stem) + ("-llama.cpp" if engine_name == "llama.cpp" else "")
     out = Path(args["--out"]) if args["--out"] is not None else default_out_dir(name)
     sha = MODELS[key].sha256 if key in MODELS else file_sha256(eng.path)
     prepare_out_dir(out, args["--force"])
-    manifest = capture(eng, ids, plan, out, prompt, with_stats=args["--stats"], model_sha256=sha,
-                       progress=sys.stderr.isatty())
+    if engine_name == "llama.cpp":
+        from trace.llama_capture import capture_llama
+        manifest = capture_llama(eng.path, ids, plan, out, prompt, eng.config, with_stats=args["--stats"],
+                                 model_sha256=sha, progress=sys.stderr.isatty(), n_threads=threads or 2)
+    else:
+        manifest = capture(eng, ids, plan, out, prompt, with_stats=args["--stats"], model_sha256=sha,
+                           progress=sys.stderr.isatty())
     if args["--stats"]:
         print(format_stats(manifest))
     print(f"wrote {len(manifest['files'])} files for {len(ids)} tokens in {manifest['forward_seconds']:.2f} s",
@@ -194,7 +222,9 @@ def cmd_diff(args) -> int:
     import math
     from trace.aprt import AprtError
     from trace.diff import DiffError, diff_captures, format_report
-    atol, rtol = _float(args, "--atol"), _float(args, "--rtol")
+    from trace.diff import DEFAULT_ATOL, DEFAULT_RTOL
+    atol = DEFAULT_ATOL if args["--atol"] is None else _float(args, "--atol")
+    rtol = DEFAULT_RTOL if args["--rtol"] is None else _float(args, "--rtol")
     for flag, v in (("--atol", atol), ("--rtol", rtol)):
         if v < 0:
             raise EngineError(f"{flag} must be >= 0, got {v:g}")
@@ -216,6 +246,68 @@ def cmd_diff(args) -> int:
         print(json.dumps(strict(report.to_json()), allow_nan=False))
     else:
         print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_bisect(args) -> int:
+    import time
+    from pathlib import Path
+    from trace.bisect import format_report, plot_report, run_bisect
+    from trace.llama_graph import import_llama_cpp
+    threads = _int(args, "--threads", 1)
+    min_cos = _float(args, "--min-cosine")
+    if not -1.0 <= min_cos <= 1.0:
+        raise EngineError(f"--min-cosine must be between -1 and 1, got {min_cos:g}")
+    tol = {}
+    for flag in ("--atol", "--rtol"):
+        tol[flag] = None if args[flag] is None else _float(args, flag)
+        if tol[flag] is not None and tol[flag] < 0:
+            raise EngineError(f"{flag} must be >= 0, got {tol[flag]:g}")
+    plot = Path(args["--plot"]) if args["--plot"] else None
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise EngineError("--plot needs matplotlib, an optional extra: pip install '.[plot]'") from None
+        if not plot.parent.is_dir():
+            raise EngineError(f"--plot {plot}: folder {plot.parent} does not exist")
+    import_llama_cpp()
+    eng = _load(args, threads)
+    ref = eng.path
+    if args["--reference-model"] is not None:
+        from engine.model import open_model
+        ref = Path(args["--reference-model"])
+        if not ref.is_file():
+            raise EngineError(f"--reference-model {ref}: no such file")
+        rcfg = open_model(ref)[1]
+        fields = ("arch", "n_layers", "dim", "ffn_dim", "n_heads", "n_kv_heads", "head_dim", "vocab", "qkv_bias")
+        bad = [f for f in fields if getattr(rcfg, f, None) != getattr(eng.config, f, None)]
+        if bad:
+            raise EngineError(f"--reference-model {ref} does not have MODEL's shape: {bad[0]} "
+                              f"{getattr(rcfg, bad[0], None)} vs {getattr(eng.config, bad[0], None)}")
+    prompt = args["--prompt"] if args["--prompt"] is not None else TRACE_PROMPT
+    ids = eng.prompt_ids(prompt, raw=args["--raw"])
+    if not ids:
+        raise EngineError("the prompt has no tokens; nothing to compare")
+    if len(ids) > eng.n_ctx:
+        eng = _load(args, None, len(ids))
+    t0 = time.perf_counter()
+    report = run_bisect(eng, ids, prompt, ref, min_cos, tol["--atol"], tol["--rtol"], threads=threads or 2,
+                        progress=sys.stderr.isatty())
+    seconds = time.perf_counter() - t0
+    report.info["seconds"] = round(seconds, 2)
+    if args["--json"]:
+        print(json.dumps(report.to_json(), default=lambda v: None if v != v else str(v)))
+    else:
+        print(format_report(report))
+    if plot is not None:
+        plot_report(report, plot, f"{Path(str(eng.path)).stem} vs llama.cpp ({Path(str(ref)).name}), "
+                                  f"{len(ids)} tokens")
+        print(f"plot: {plot}", file=sys.stderr)
+    info = report.info
+    print(f"bisect: {len(ids)} tokens x {eng.config.n_layers} layers in {seconds:.1f} s (ours {info['ours_seconds']:.1f} s, "
+          f"llama.cpp {info['llama_seconds']:.1f} s); temporary captures {info['peak_disk_bytes'] / 1e6:.1f} MB "
+          "(removed)", file=sys.stderr)
     return 0 if report.ok else 1
 
 
@@ -243,7 +335,24 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "score": cmd_score, "trace": cmd_trace, "diff": cmd_diff, "tokenize": cmd_tokenize, "fetch": cmd_fetch,
+def cmd_bench(args) -> int:
+    from engine.api import Engine
+    from engine.benchmark import format_bench, llama_available, run_bench
+    prompt_tokens = _int(args, "--prompt-tokens", 1, 1 << 16)
+    gen_tokens = _int(args, "--gen-tokens", 1, 1 << 16)
+    repeat = _int(args, "--repeat", 1, 1000)
+    threads = _int(args, "--threads", 1)
+    if args["--vs-llama-cpp"] and not llama_available():
+        raise EngineError("--vs-llama-cpp needs llama-cpp-python (pip install llama-cpp-python==0.3.36)")
+    eng = Engine.load(args["MODEL"], n_ctx=prompt_tokens + gen_tokens + 8, threads=threads)
+    log = None if args["--json"] else (lambda m: print(m, file=sys.stderr))
+    result = run_bench(eng, prompt_tokens, gen_tokens, threads, repeat, vs_llama=args["--vs-llama-cpp"], log=log)
+    print(json.dumps(result) if args["--json"] else format_bench(result))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "score": cmd_score, "trace": cmd_trace, "diff": cmd_diff, "bisect": cmd_bisect,
+            "tokenize": cmd_tokenize, "fetch": cmd_fetch, "bench": cmd_bench,
             "inspect": cmd_inspect}
 
 
@@ -254,19 +363,36 @@ def main(argv=None) -> int:
     except DocoptExit:
         print("error: invalid command line; see `python -m cli --help` for usage", file=sys.stderr)
         return 2
+    from engine.errors import Terminated, install_signal_handlers
+    if argv is None:  # the real command line, not a test calling main(): own the process's signals
+        install_signal_handlers()
     try:
         for name, fn in COMMANDS.items():
             if args[name]:
                 return fn(args)
     except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return Terminated.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 1
+    except MemoryError:
+        print("error: out of memory", file=sys.stderr)
+        return 1
+    except OSError as e:  # the environment, not the input: a full disk, a missing permission
+        print(f"error: {_one_line(e.strerror or e)}" + (f": {_one_line(e.filename)}" if e.filename else ""),
+              file=sys.stderr)
+        return 1
     return 2
+
+
+def _one_line(x) -> str:
+    return str(x).replace("\r", "\\r").replace("\n", "\\n")
 
 
 from engine.errors import EngineError  # noqa: E402  (light import, after the env is set)

@@ -15,7 +15,9 @@ from engine.sampling import Sampler
 from engine.tokenizer import Tokenizer
 from trace.sink import NullSink
 
-DEFAULT_CTX = 4096
+# The KV cache is np.zeros (lazily paged), so a large default context costs
+# memory only for the positions actually used.
+MAX_DEFAULT_CTX = 32768
 
 
 def set_threads(n: int | None) -> None:
@@ -31,8 +33,10 @@ def set_threads(n: int | None) -> None:
 def _note_first_compile() -> None:
     """Say on stderr that kernels are being compiled when Numba's on-disk cache is empty."""
     import sys
-    cache = Path(__file__).resolve().parents[1] / "kernels" / "__pycache__"
-    if not any(cache.glob("*.nbi")):
+    import numba
+    custom = numba.config.CACHE_DIR  # NUMBA_CACHE_DIR, if set, holds the cache instead of __pycache__
+    cache = Path(custom) if custom else Path(__file__).resolve().parents[1] / "kernels" / "__pycache__"
+    if not any(cache.rglob("*.nbi")):
         print("compiling kernels with Numba (once; later runs load them from the cache)...", file=sys.stderr)
 
 
@@ -47,11 +51,19 @@ class Engine:
         if self.tokenizer.n_vocab != self.config.vocab:
             raise EngineError(f"{self.path}: tokenizer has {self.tokenizer.n_vocab} tokens but the model "
                               f"config says vocab {self.config.vocab}")
-        n_ctx = n_ctx or min(self.config.context, DEFAULT_CTX)
+        n_ctx = n_ctx or min(self.config.context, MAX_DEFAULT_CTX)
         if n_ctx < 1:
             raise EngineError(f"context size must be positive, got {n_ctx}")
+        if n_ctx > self.config.context:
+            raise EngineError(f"context size {n_ctx} exceeds the model's context length {self.config.context}")
         self.n_ctx = n_ctx
-        self.kv = KVCache(self.config, n_ctx)
+        try:
+            self.kv = KVCache(self.config, n_ctx)
+        except MemoryError:
+            c = self.config
+            gib = 2 * 4 * c.n_layers * c.kv_dim * n_ctx / 2**30
+            raise EngineError(f"cannot allocate the KV cache for {n_ctx} tokens ({gib:.1f} GiB); "
+                              f"use a smaller --ctx") from None
         self.sink = NullSink()
 
     @classmethod

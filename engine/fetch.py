@@ -142,4 +142,6 @@ def resolve_model(model: str | None, quiet: bool = False) -> Path:
         raise EngineError(f"model '{model}' is neither a known key ({', '.join(MODELS)}) nor an existing file")
     if p.is_dir():
         raise EngineError(f"model '{model}' is a directory, not a GGUF file")
+    if not p.is_file():  # a FIFO or device would block or never end
+        raise EngineError(f"model '{model}' is not a regular file")
     return p

@@ -19,11 +19,25 @@ from kernels.quants import GGML_TYPES, type_name
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+# Caps on what a header may make us allocate (real models are far below them: ~300 KV pairs,
+# ~2,000 tensors, vocabularies and merge lists of ~300k strings, chat templates of a few KB).
+MAX_KV = 1 << 16
+MAX_TENSORS = 1 << 20
+MAX_STRING = 1 << 24        # bytes in one string
+MAX_ARRAY = 1 << 24         # elements in one string or nested array (numeric arrays are zero-copy views)
+MAX_NESTING = 4             # arrays of arrays of ...
 
 # GGUF metadata value types
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NP_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+
+
+def _show(name: str, limit: int = 80) -> str:
+    """A key or tensor name fit for a one-line message: control characters escaped, long names cut."""
+    if len(name) > limit:
+        name = name[:limit] + "..."
+    return name if name.isprintable() else repr(name)[1:-1]
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,8 @@ class GGUFFile:
 
     def _string(self, what: str) -> str:
         n = self._scalar("<Q", what)
+        if n > MAX_STRING:
+            raise self._fail(f"{what}: string length {n} exceeds the limit of {MAX_STRING} bytes")
         self._need(n, what)
         raw = bytes(self._buf[self._pos:self._pos + n])
         self._pos += n
@@ -79,7 +95,7 @@ class GGUFFile:
         except UnicodeDecodeError:
             raise self._fail(f"{what} is not valid UTF-8") from None
 
-    def _value(self, vtype: int, key: str):
+    def _value(self, vtype: int, key: str, depth: int = 0):
         if vtype in _SCALARS:
             return self._scalar(_SCALARS[vtype], f"value of {key}")
         if vtype == _STRING:
@@ -93,13 +109,17 @@ class GGUFFile:
                 arr = np.frombuffer(self._buf, dtype=_NP_SCALARS[etype], count=count, offset=self._pos)
                 self._pos += count * item
                 return arr.astype(bool) if etype == 7 else arr
+            if etype in (_STRING, _ARRAY) and count > MAX_ARRAY:
+                raise self._fail(f"array {key}: {count} elements exceed the limit of {MAX_ARRAY}")
             if etype == _STRING:
                 # each string needs at least its 8-byte length: cap what a header can make us allocate
                 self._need(count * 8, f"array {key} ({count} strings)")
                 return [self._string(f"element {i} of {key}") for i in range(count)]
             if etype == _ARRAY:
+                if depth >= MAX_NESTING:
+                    raise self._fail(f"array {key}: arrays nested more than {MAX_NESTING} deep")
                 self._need(count * 12, f"array {key} ({count} nested arrays)")
-                return [self._value(_ARRAY, key) for _ in range(count)]
+                return [self._value(_ARRAY, key, depth + 1) for _ in range(count)]
             raise self._fail(f"metadata {key}: unknown array element type {etype}")
         raise self._fail(f"metadata {key}: unknown value type {vtype}")
 
@@ -117,29 +137,38 @@ class GGUFFile:
         # Every KV needs >= 12 bytes, every tensor info >= 24: reject absurd counts early.
         if n_kv * 12 > self.size or n_tensors * 24 > self.size:
             raise self._fail(f"header counts ({n_kv} metadata, {n_tensors} tensors) exceed the file size")
+        if n_kv > MAX_KV or n_tensors > MAX_TENSORS:
+            raise self._fail(f"header counts ({n_kv} metadata, {n_tensors} tensors) exceed the limits "
+                             f"({MAX_KV}, {MAX_TENSORS})")
         for _ in range(n_kv):
             key = self._string("metadata key")
-            vtype = self._scalar("<I", f"type of {key}")
-            self.metadata[key] = self._value(vtype, key)
-        infos = []
+            shown = _show(key)
+            if key in self.metadata:
+                raise self._fail(f"metadata key {shown} is duplicated")
+            vtype = self._scalar("<I", f"type of {shown}")
+            self.metadata[key] = self._value(vtype, shown)
+        infos, names = [], set()
         for _ in range(n_tensors):
-            name = self._string("tensor name")
+            raw_name = self._string("tensor name")
+            name = _show(raw_name)
             n_dims = self._scalar("<I", f"dims of tensor {name}")
             if not 1 <= n_dims <= MAX_DIMS:
                 raise self._fail(f"tensor {name}: bad number of dimensions {n_dims}")
             ne = tuple(self._scalar("<Q", f"shape of tensor {name}") for _ in range(n_dims))
             gtype = self._scalar("<I", f"type of tensor {name}")
             offset = self._scalar("<Q", f"offset of tensor {name}")
-            if name in self.tensors or any(i[0] == name for i in infos):
+            if raw_name in names:
                 raise self._fail(f"tensor {name}: duplicated")
-            infos.append((name, n_dims, ne, gtype, offset))
+            names.add(raw_name)
+            infos.append((raw_name, n_dims, ne, gtype, offset))
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
             raise self._fail(f"general.alignment {align!r} is not a power of two")
         self.alignment = align
         data_start = (self._pos + align - 1) // align * align
         self.data_start = data_start
-        for name, n_dims, ne, gtype, offset in infos:
+        for raw_name, n_dims, ne, gtype, offset in infos:
+            name = _show(raw_name)
             if gtype not in GGML_TYPES:
                 raise self._fail(f"tensor {name}: unsupported tensor type {type_name(gtype)}")
             elems, bsize = GGML_TYPES[gtype]
@@ -158,7 +187,7 @@ class GGUFFile:
             if start + nbytes > self.size:
                 raise self._fail(f"tensor {name}: data [{start}, {start + nbytes}) extends past the end "
                                  f"of the file ({self.size} bytes); truncated?")
-            self.tensors[name] = TensorInfo(name, gtype, ne, start, nbytes)
+            self.tensors[raw_name] = TensorInfo(raw_name, gtype, ne, start, nbytes)
 
     def tensor_bytes(self, name: str) -> np.ndarray:
         """The raw bytes of a tensor as a read-only 2-D uint8 view [rows, row_bytes]."""

@@ -6,6 +6,7 @@ views of the memory-mapped file in their GGML encoding.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,11 @@ def read_config(gf: GGUFFile) -> Config:
     """Build the Config from GGUF metadata, checking it is self-consistent."""
     md, path = gf.metadata, gf.path
     arch = md.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise EngineError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+    if arch is None:
+        raise EngineError(f"{path}: missing metadata key general.architecture")
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHS:
+        shown = repr(arch[:80]) if isinstance(arch, str) else f"(a {type(arch).__name__}, not a string)"
+        raise EngineError(f"{path}: unsupported architecture {shown} (supported: {', '.join(SUPPORTED_ARCHS)})")
     p = arch + "."
     n_layers = _meta(md, path, p + "block_count", int)
     dim = _meta(md, path, p + "embedding_length", int)
@@ -112,23 +116,34 @@ def read_config(gf: GGUFFile) -> Config:
     if n_heads % n_kv:
         raise EngineError(f"{path}: head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
     head_dim = _meta(md, path, p + "attention.key_length", int, dim // n_heads if dim % n_heads == 0 else 0)
-    if head_dim <= 0 or head_dim % 2:
+    if not 0 < head_dim < 1 << 20 or head_dim % 2:
         raise EngineError(f"{path}: cannot derive an even head dimension from embedding_length {dim} "
                           f"and head_count {n_heads}")
     n_rot = _meta(md, path, p + "rope.dimension_count", int, head_dim)
     if not 0 < n_rot <= head_dim or n_rot % 2:
         raise EngineError(f"{path}: rope.dimension_count {n_rot} must be even and at most the head dim {head_dim}")
     tokens = md.get("tokenizer.ggml.tokens")
-    vocab = _meta(md, path, p + "vocab_size", int, len(tokens) if tokens is not None else None)
+    vocab = _meta(md, path, p + "vocab_size", int, len(tokens) if isinstance(tokens, list) else None)
+    if not 0 < vocab < 1 << 24:
+        raise EngineError(f"{path}: vocabulary size {vocab} is out of range")
+    rope_base = _meta(md, path, p + "rope.freq_base", float, 10000.0)
+    eps = _meta(md, path, p + "attention.layer_norm_rms_epsilon", float, 1e-5)
+    context = _meta(md, path, p + "context_length", int, 2048)
+    if not (math.isfinite(rope_base) and rope_base > 0):
+        raise EngineError(f"{path}: metadata {p}rope.freq_base = {rope_base} must be a positive number")
+    if not (math.isfinite(eps) and 0 <= eps < 1):
+        raise EngineError(f"{path}: metadata {p}attention.layer_norm_rms_epsilon = {eps} is out of range [0, 1)")
+    if context < 1:
+        raise EngineError(f"{path}: metadata {p}context_length = {context} must be positive")
     emb = gf.tensors.get("token_embd.weight")
     return Config(
         arch=arch, n_layers=n_layers, dim=dim, ffn_dim=ffn_dim, n_heads=n_heads, n_kv_heads=n_kv,
         head_dim=head_dim, n_rot=n_rot,
-        rope_base=_meta(md, path, p + "rope.freq_base", float, 10000.0),
+        rope_base=rope_base,
         rope_neox=(arch == "qwen2"),
-        eps=_meta(md, path, p + "attention.layer_norm_rms_epsilon", float, 1e-5),
+        eps=eps,
         vocab=vocab,
-        context=_meta(md, path, p + "context_length", int, 2048),
+        context=context,
         qkv_bias="blk.0.attn_q.bias" in gf.tensors,
         tied_output="output.weight" not in gf.tensors and emb is not None,
     )

@@ -14,6 +14,8 @@ class Sampler:
             raise EngineError(f"--top-k must be >= 0 (0 = off), got {top_k}")
         if not 0.0 < top_p <= 1.0:
             raise EngineError(f"--top-p must be in (0, 1], got {top_p}")
+        if seed is not None and not (isinstance(seed, (int, np.integer)) and seed >= 0):
+            raise EngineError(f"--seed must be a non-negative integer, got {seed}")
         self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
         self.rng = np.random.default_rng(seed)
 

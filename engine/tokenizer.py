@@ -10,10 +10,12 @@ patterns are run here with `regex` directly.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import heapq
 import json
 from datetime import datetime
 
+import numpy as np
 import regex
 
 from engine.errors import EngineError
@@ -76,6 +78,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 _BYTE_ENC = _bytes_to_unicode()
+_BYTE_TOKEN = regex.compile(r"<0x([0-9A-Fa-f]{2})>")
 _BYTE_DEC = {c: b for b, c in _BYTE_ENC.items()}
 
 
@@ -141,6 +144,11 @@ def _detect_roles(md: dict, ids: dict[str, int], attrs: list[int]) -> tuple[dict
     return roles, frozenset(eog)
 
 
+def _shown(v) -> str:
+    """A metadata value fit for a one-line message."""
+    return repr(v[:80]) if isinstance(v, str) else (repr(v) if v is None else f"(a {type(v).__name__})")
+
+
 def _fail(source: str, msg: str) -> EngineError:
     return EngineError(f"{source}: {msg}" if source else msg)
 
@@ -186,24 +194,37 @@ class Tokenizer:
     def from_metadata(cls, md: dict, source: str = "") -> "Tokenizer":
         """Build from a GGUF metadata dict; EngineError for a tokenizer this module does not implement."""
         model = md.get("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise _fail(source, f"unsupported tokenizer model {model!r} (supported: 'gpt2')")
-        pre_name = md.get("tokenizer.ggml.pre") or "default"
-        if pre_name not in _PRE:
-            raise _fail(source, f"unknown pre-tokenizer {pre_name!r} (supported: {', '.join(sorted(_PRE))})")
+        if not isinstance(model, str) or model != "gpt2":
+            raise _fail(source, f"unsupported tokenizer model {_shown(model)} (supported: 'gpt2')")
+        pre_name = md.get("tokenizer.ggml.pre")
+        pre_name = "default" if pre_name is None or (isinstance(pre_name, str) and not pre_name) else pre_name
+        if not isinstance(pre_name, str) or pre_name not in _PRE:
+            raise _fail(source, f"unknown pre-tokenizer {_shown(pre_name)} (supported: {', '.join(sorted(_PRE))})")
         tokens, merges = md.get("tokenizer.ggml.tokens"), md.get("tokenizer.ggml.merges")
-        if not tokens or merges is None:
+        if tokens is None or merges is None or (isinstance(tokens, list) and not tokens):
             raise _fail(source, "tokenizer vocabulary or merges missing from the metadata")
+        for key, arr in (("tokens", tokens), ("merges", merges)):
+            if not isinstance(arr, list) or not all(isinstance(t, str) for t in arr):
+                raise _fail(source, f"tokenizer.ggml.{key} is not an array of strings")
         ids = {t: i for i, t in enumerate(tokens)}
         if len(ids) != len(tokens):
             raise _fail(source, "duplicate token text in the vocabulary")
         types = md.get("tokenizer.ggml.token_type")
+        if types is not None and not (isinstance(types, np.ndarray) and types.dtype.kind in "iu"
+                                      and types.ndim == 1 and len(types) == len(tokens)):
+            raise _fail(source, f"tokenizer.ggml.token_type is not an array of {len(tokens)} integers "
+                                "(one per token)")
         attrs = ([NORMAL] * len(tokens) if types is None
                  else [_TYPE_ATTR[t] if 0 <= t < len(_TYPE_ATTR) else 0 for t in types.tolist()])
         roles, eog = _detect_roles(md, ids, attrs)
         pre = _PRE[pre_name]
-        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", pre[2]))
-        return cls(tokens, ids, attrs, merges, pre, roles, eog, add_bos, md.get("tokenizer.chat_template"), source)
+        add_bos = md.get("tokenizer.ggml.add_bos_token", pre[2])
+        if not isinstance(add_bos, (bool, int)):
+            raise _fail(source, "tokenizer.ggml.add_bos_token is not a boolean")
+        template = md.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise _fail(source, "tokenizer.chat_template is not a string")
+        return cls(tokens, ids, attrs, merges, pre, roles, eog, bool(add_bos), template, source)
 
     # -- encoding ------------------------------------------------------------------------
     def encode(self, text: str, parse_special: bool = False) -> list[int]:
@@ -313,8 +334,9 @@ class Tokenizer:
             return text.encode("utf-8")
         if attr & NORMAL:
             return _byte_decode(text)
-        if attr & BYTE:
-            return bytes([int(text[3:5], 16)])
+        if attr & BYTE:  # "<0xHH>"; any other text of a BYTE token is taken as it is
+            m = _BYTE_TOKEN.fullmatch(text)
+            return bytes([int(m[1], 16)]) if m else text.encode("utf-8")
         return b""  # unused / undefined tokens have no text
 
     def decode(self, ids, special: bool = True) -> str:
@@ -328,23 +350,98 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The model's chat template (ChatML if it has none) rendered in jinja2's sandbox, as HF does."""
         try:
-            if self._template is None:
-                self._template = _jinja_env().from_string(self._template_src or _CHATML)
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self._text(self.bos_id), eos_token=self._text(self.eos_id))
+            with _template_limits():
+                if self._template is None:
+                    self._template = _jinja_env().from_string(self._template_src or _CHATML)
+                out = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            bos_token=self._text(self.bos_id), eos_token=self._text(self.eos_id))
+        except MemoryError:
+            raise _fail(self._source, "chat template error: it needs too much memory") from None
         except Exception as e:  # any failure inside an untrusted template
-            msg = " ".join(str(e).split()) or type(e).__name__
+            msg = " ".join(str(e).split())[:200] or type(e).__name__
             raise _fail(self._source, f"chat template error: {msg}") from None
+        if len(out) > TEMPLATE_MAX_LEN:
+            raise _fail(self._source, f"chat template error: output of {len(out)} characters is too long")
+        return out
 
     def _text(self, token_id: int | None) -> str:
         return "" if token_id is None else self._tokens[token_id]
 
 
+# A chat template is untrusted code: bound what one rendering may cost.
+TEMPLATE_SECONDS = 5.0          # wall time (main thread only: enforced with SIGALRM)
+TEMPLATE_MAX_LEN = 1 << 20      # characters in the result, and in any string or list it builds
+TEMPLATE_MEMORY = 1 << 30       # extra address space while rendering (RLIMIT_AS)
+
+
+class TemplateLimit(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _template_limits():
+    """Wall-time and address-space limits around a rendering; both are restored afterwards."""
+    import resource
+    import signal
+    import threading
+    import time
+    main = threading.current_thread() is threading.main_thread()
+    old_handler = old_timer = None
+    if main:
+        def on_alarm(signum, frame):
+            raise TemplateLimit(f"rendering took more than {TEMPLATE_SECONDS:g} s")
+        t0 = time.monotonic()
+        old_handler = signal.signal(signal.SIGALRM, on_alarm)
+        old_timer = signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
+    old_as = resource.getrlimit(resource.RLIMIT_AS)
+    try:
+        with open("/proc/self/statm") as f:
+            vm = int(f.read().split()[0]) * resource.getpagesize()
+        cap = vm + TEMPLATE_MEMORY
+        if old_as[0] == resource.RLIM_INFINITY or old_as[0] > cap:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, old_as[1]))
+        else:
+            old_as = None
+    except (OSError, ValueError):
+        old_as = None
+    try:
+        yield
+    finally:
+        if old_as is not None:
+            resource.setrlimit(resource.RLIMIT_AS, old_as)
+        if main:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_handler)
+            if old_timer[0] > 0:  # re-arm an outer timer with what is left of it
+                signal.setitimer(signal.ITIMER_REAL, max(old_timer[0] - (time.monotonic() - t0), 1e-3),
+                                 old_timer[1])
+
+
 def _jinja_env():
     """An immutable sandbox with the helpers HF transformers gives chat templates."""
-    from jinja2.exceptions import TemplateError
+    from jinja2.exceptions import SecurityError, TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def size(x):
+        return len(x) if isinstance(x, (str, list, tuple)) else None
+
+    class Env(ImmutableSandboxedEnvironment):
+        """Refuses the one-operator memory bombs: 'x' * 10**10, 2 ** 10**9, doubling a string."""
+        intercepted_binops = frozenset(["*", "**", "+"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if size(seq) is not None and isinstance(n, int) and size(seq) * n > TEMPLATE_MAX_LEN:
+                        raise SecurityError(f"repetition to {size(seq) * n} items is too long")
+            elif operator == "**":
+                if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and abs(right) > 1024:
+                    raise SecurityError(f"exponent {right} is too large")
+            elif operator == "+" and size(left) is not None and size(right) is not None:
+                if size(left) + size(right) > TEMPLATE_MAX_LEN:
+                    raise SecurityError("concatenation is too long")
+            return super().call_binop(context, operator, left, right)
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -352,7 +449,7 @@ def _jinja_env():
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = Env(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

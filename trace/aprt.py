@@ -6,6 +6,7 @@ Values are stored and read back bit for bit (NaN payloads, Inf, -0.0).
 """
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from dataclasses import dataclass
@@ -89,11 +90,20 @@ def write_aprt(path, layer: int | None, values: np.ndarray) -> None:
 
 
 def create_aprt(path, layer: int | None, n_values: int) -> np.memmap:
-    """Create ``path`` at its final size with its header; return a writable memmap of the body."""
+    """Create ``path`` at its final size with its header; return a writable memmap of the body.
+
+    The body's disk blocks are reserved up front (posix_fallocate), so a full disk or a file-size
+    limit is an OSError (ENOSPC, EFBIG) here, never a SIGBUS when a kernel writes into the map."""
     header = _header(path, layer, n_values)
+    size = HEADER.size + DTYPE.itemsize * n_values
     with open(path, "wb") as f:
         f.write(header)
-        f.truncate(HEADER.size + DTYPE.itemsize * n_values)
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(e.errno, e.strerror, str(path)) from None
+            f.truncate(size)  # a file system without fallocate: sparse, as before
     return np.memmap(path, dtype=DTYPE, mode="r+", offset=HEADER.size, shape=(n_values,))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import EngineError
-from trace.aprt import read_aprt
+from trace.aprt import partial_path, read_aprt, stage_path
 from trace.plan import PlanError, TracePlan, parse_layers, parse_stages
 from trace.sink import TraceSink
 from trace.stages import WHOLE_MODEL_STAGES
@@ -150,19 +150,42 @@ def capture(engine, ids: list[int], plan: TracePlan, out: Path, prompt: str, wit
     recorder = _Recorder(sink, cfg.n_layers, progress)
     t0 = time.perf_counter()
     try:
-        engine.forward(ids, pos=0, sink=recorder)
-        missing = [k for k in planned_keys(plan) if k not in recorder.requested]
-        if missing:
-            stage, layer = missing[0]
-            raise EngineError(f"the forward never computed stage {stage}"
-                              + ("" if layer is None else f" of layer {layer}") + f" ({len(missing)} planned files missing)")
-    except BaseException:
-        sink.abort()
+        try:
+            engine.forward(ids, pos=0, sink=recorder)
+            missing = [k for k in planned_keys(plan) if k not in recorder.requested]
+            if missing:
+                stage, layer = missing[0]
+                raise EngineError(f"the forward never computed stage {stage}" + ("" if layer is None else
+                                  f" of layer {layer}") + f" ({len(missing)} planned files missing)")
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            recorder.done()
+        seconds = time.perf_counter() - t0
+        written = sink.finish()
+        return _write_manifest(engine, ids, plan, out, prompt, with_stats, model_sha256, seconds, written)
+    except BaseException as e:
+        # interrupted or failed after the forward too (publishing, statistics, manifest): remove this
+        # capture's files, so a folder without a complete manifest holds nothing that looks complete
+        for key in planned_keys(plan):
+            path = stage_path(out, *key)
+            for p in (path, partial_path(path)):
+                p.unlink(missing_ok=True)
+        for d in out.glob("layer-*"):
+            try:
+                d.rmdir()  # only if empty
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            why = e.strerror or str(e)
+            raise EngineError(f"cannot write the capture to {out}: {why}"
+                              + (f" ({e.filename})" if e.filename else "") + "; partial files removed") from None
         raise
-    finally:
-        recorder.done()
-    seconds = time.perf_counter() - t0
-    written = sink.finish()
+
+
+def _write_manifest(engine, ids, plan, out, prompt, with_stats, model_sha256, seconds, written) -> dict:
+    cfg = engine.config
     entries = []
     for stage, layer, shape, path in written:
         entry = {"stage": stage, "layer": layer, "shape": list(shape), "path": path.relative_to(out).as_posix(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,10 @@ class TraceSink:
         self.n_layers = n_layers
         self._scratch = NullSink()
         self._requested: set[tuple[str, int | None]] = set()
-        self._open: list[tuple[str, int | None, tuple, Path, np.memmap]] = []
+        # the sink keeps only a weak reference to each file's map: once the forward drops a
+        # buffer its pages are unmapped (they stay in the page cache, not in this process's RSS),
+        # so a capture of every stage of every layer costs about one layer of resident memory
+        self._open: list[tuple[str, int | None, tuple, Path, weakref.ref]] = []
 
     def reserve(self, stage: str, size: int) -> None:
         """Preallocate scratch for unwanted stages (see NullSink.reserve)."""
@@ -87,14 +91,16 @@ class TraceSink:
         path = stage_path(self.out_dir, stage, layer)
         path.parent.mkdir(parents=True, exist_ok=True)
         body = create_aprt(partial_path(path), layer, math.prod(shape))
-        self._open.append((stage, layer, tuple(shape), path, body))
+        self._open.append((stage, layer, tuple(shape), path, weakref.ref(body)))
         return body.reshape(shape)
 
     def finish(self) -> list[tuple[str, int | None, tuple, Path]]:
         """Flush and publish every file of this forward; return (stage, layer, shape, path) for each."""
         written = []
-        for stage, layer, shape, path, body in self._open:
-            body.flush()
+        for stage, layer, shape, path, ref in self._open:
+            body = ref()
+            if body is not None:  # still mapped (held by the caller): write it back now
+                body.flush()
             os.replace(partial_path(path), path)
             written.append((stage, layer, shape, path))
         self._reset()
