@@ -1,0 +1,349 @@
+"""Bisection against llama.cpp: both engines' captures of every stage of every layer, compared in forward order.
+
+``run_bisect`` captures our forward (trace.capture) and llama.cpp's (trace.llama_capture)
+over the same token ids into a temporary folder that is removed afterwards, compares
+each (layer, stage) both expose, and classifies it:
+
+- ``ok``: cosine >= min_cosine (and, only when given, every value within atol + rtol*|llama|).
+- ``cancellation``: a residual add (post_attn_residual / post_ffn_residual) below the
+  threshold whose difference is no larger than the sum of its summands' differences
+  (||d_sum|| <= ||d_a|| + ||d_b||, up to float rounding), while the summands themselves
+  agree. Addition is exact up to rounding, so the add did nothing wrong: the sum
+  cancelled (e.g. Qwen2.5-1.5B's first token carries a ~3900-sized residual that
+  layer 26 cancels down to ~100; llama.cpp's 8-bit activation rounding of the huge
+  values, harmless before, then dominates the small result).
+- ``inherited``: below the threshold, but an input it is computed from is already
+  below it (cancellation / inherited) and its relative error ||d||/||llama|| is at
+  most INHERIT_GROWTH times that input's: the difference was passed on, not made here.
+- ``fail``: anything else. The first ``fail`` in forward order is the divergence.
+
+Default min_cosine 0.99: on correct engines llama.cpp's 8-bit activation quantization
+and f16 KV cache put per-stage cosines at >= 0.9995 in early layers, drifting down to
+0.9951 (ffn_out, layer 24 of the 1.5B) in late layers (measured; SmolLM2's attention
+reaches 0.9984 by layer 3), so 0.999 would flag noise; a wrong weight, kernel or
+layout moves a stage's cosine far below 0.99 (a flipped tensor scale: below 0.5).
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trace.aprt import read_aprt
+from trace.diff import compare
+from trace.stages import STAGE_INDEX, STAGES, WHOLE_MODEL_STAGES
+
+DEFAULT_MIN_COSINE = 0.99
+INHERIT_GROWTH = 3.0
+ADD_SLACK = 1.01
+RESIDUAL_ADDS = ("post_attn_residual", "post_ffn_residual")
+SHORT = {
+    "embedding": "emb", "attn_norm": "anorm", "qkv_matmul": "qkv", "qkv_bias": "bias", "q_post_rope": "qrope",
+    "k_post_rope": "krope", "attn_scores": "score", "attn_softmax": "smax", "attention": "attn", "attn_out": "aout",
+    "post_attn_residual": "res1", "ffn_norm": "fnorm", "ffn_gate": "gate", "ffn_up": "up", "ffn_silu": "silu",
+    "ffn_swigl": "swigl", "ffn_out": "fout", "post_ffn_residual": "res2", "final_norm": "fnl", "lm_head": "lm",
+}
+
+
+@dataclass
+class StageResult:
+    layer: int | None
+    stage: str
+    status: str
+    cosine: float | None
+    rel_err: float | None  # ||ours - llama|| / ||llama||
+    stats: dict
+    note: str = ""
+
+    @property
+    def where(self) -> str:
+        return self.stage if self.layer is None else f"layer {self.layer} {self.stage}"
+
+
+@dataclass
+class BisectReport:
+    min_cosine: float
+    atol: float | None
+    rtol: float | None
+    results: list[StageResult] = field(default_factory=list)
+    unavailable: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def first_divergence(self) -> StageResult | None:
+        return next((r for r in self.results if r.status == "fail"), None)
+
+    @property
+    def ok(self) -> bool:
+        return self.first_divergence is None
+
+    def before(self, r: StageResult) -> StageResult | None:
+        i = self.results.index(r)
+        return self.results[i - 1] if i > 0 else None
+
+    def to_json(self) -> dict:
+        first = self.first_divergence
+        prev = None if first is None else self.before(first)
+        return {
+            "ok": self.ok, "min_cosine": self.min_cosine, "atol": self.atol, "rtol": self.rtol, **self.info,
+            "first_divergence": None if first is None else _result_json(first),
+            "before_divergence": None if prev is None else _result_json(prev),
+            "unavailable": self.unavailable, "results": [_result_json(r) for r in self.results],
+        }
+
+
+def _result_json(r: StageResult) -> dict:
+    return {"layer": r.layer, "stage": r.stage, "status": r.status, "cosine": r.cosine, "rel_err": r.rel_err,
+            "note": r.note, **{k: v for k, v in r.stats.items() if k != "cosine"}}
+
+
+def _key_order(key):
+    stage, layer = key
+    if stage == "embedding":
+        return (-1, 0)
+    if layer is None:
+        return (1 << 30, STAGE_INDEX[stage])
+    return (layer, STAGE_INDEX[stage])
+
+
+def _inputs(stage: str, layer: int | None, n_layers: int, have) -> list[tuple[str, int | None]]:
+    """The captured stages (stage, layer) this one is computed from (first available of each alternative)."""
+    def first(*keys):
+        return [next((k for k in keys if k in have), None)]
+
+    resid_in = ("embedding", None) if layer == 0 else ("post_ffn_residual", None if layer is None else layer - 1)
+    qkv = first(("qkv_bias", layer), ("qkv_matmul", layer))
+    table = {
+        "attn_norm": [resid_in],
+        "qkv_matmul": [("attn_norm", layer)],
+        "qkv_bias": [("qkv_matmul", layer)],
+        "q_post_rope": qkv, "k_post_rope": qkv,
+        "attn_scores": [("q_post_rope", layer), ("k_post_rope", layer)],
+        "attn_softmax": first(("attn_scores", layer)) + [("q_post_rope", layer), ("k_post_rope", layer)],
+        "attention": first(("attn_softmax", layer)) + qkv,
+        "attn_out": [("attention", layer)],
+        "post_attn_residual": [resid_in, ("attn_out", layer)],
+        "ffn_norm": [("post_attn_residual", layer)],
+        "ffn_gate": [("ffn_norm", layer)], "ffn_up": [("ffn_norm", layer)],
+        "ffn_silu": [("ffn_gate", layer)],
+        "ffn_swigl": [("ffn_gate", layer), ("ffn_up", layer)],
+        "ffn_out": [("ffn_swigl", layer)],
+        "post_ffn_residual": [("post_attn_residual", layer), ("ffn_out", layer)],
+        "final_norm": [("post_ffn_residual", n_layers - 1)],
+        "lm_head": [("final_norm", None)],
+        "embedding": [],
+    }
+    return [k for k in table[stage] if k is not None and k in have]
+
+
+def _load(root: Path, entry) -> np.ndarray:
+    return np.asarray(read_aprt(root / entry["path"]).values, dtype=np.float64)
+
+
+def compare_captures(ours: Path, llama: Path, ours_manifest: dict, llama_manifest: dict, min_cosine: float,
+                     atol: float | None = None, rtol: float | None = None) -> BisectReport:
+    """Classify every (stage, layer) both captures hold (see the module docstring)."""
+    ours_files = {(e["stage"], e["layer"]): e for e in ours_manifest["files"]}
+    llama_files = {(e["stage"], e["layer"]): e for e in llama_manifest["files"]}
+    keys = sorted(ours_files.keys() & llama_files.keys(), key=_key_order)
+    n_layers = ours_manifest["n_layers"]
+    report = BisectReport(min_cosine, atol, rtol, unavailable=dict(llama_manifest.get("unavailable", {})))
+    diffs: dict = {}  # key -> (||d||, ||llama||, rel_err, status)
+    for key in keys:
+        stage, layer = key
+        a, b = _load(ours, ours_files[key]), _load(llama, llama_files[key])
+        if a.size != b.size:
+            report.results.append(StageResult(layer, stage, "fail", None, None, {"n": int(a.size)},
+                                              f"sizes differ: ours {a.size}, llama.cpp {b.size}"))
+            diffs[key] = (math.inf, 0.0, math.inf, "fail")
+            continue
+        check_elems = atol is not None or rtol is not None
+        stats = compare(a, b, atol if atol is not None else 0.0, rtol if rtol is not None else 0.0)
+        if not check_elems:
+            stats.pop("n_bad")
+        cos = stats["cosine"]
+        dn, bn = float(np.linalg.norm(a - b)), float(np.linalg.norm(b))
+        rel = dn / bn if bn > 0 else (0.0 if dn == 0 else math.inf)
+        good = cos is not None and cos >= min_cosine and stats["nan_mismatch"] == 0
+        if check_elems:
+            good = good and stats["n_bad"] == 0
+        status, note = ("ok", "") if good else _explain(stage, layer, n_layers, diffs, dn, rel)
+        diffs[key] = (dn, bn, rel, status)
+        report.results.append(StageResult(layer, stage, status, cos, rel, stats, note))
+    return report
+
+
+def _explain(stage, layer, n_layers, diffs, dn, rel) -> tuple[str, str]:
+    inputs = _inputs(stage, layer, n_layers, diffs)
+    if stage in RESIDUAL_ADDS and len(inputs) == 2 and all(diffs[k][3] != "fail" for k in inputs):
+        bound = sum(diffs[k][0] for k in inputs)
+        scale = sum(diffs[k][1] for k in inputs)
+        if dn <= ADD_SLACK * bound + 1e-6 * scale:
+            off = [k for k in inputs if diffs[k][3] != "ok"]
+            if not off:
+                return "cancellation", (f"|d| {dn:.3g} <= |d| of its summands {bound:.3g}, which agree: "
+                                        f"the sum cancels (|llama| {scale:.3g} in, {dn / rel if rel else 0:.3g} out)")
+            return "inherited", f"|d| {dn:.3g} <= |d| of its summands {bound:.3g} (" + \
+                ", ".join(_name(k) for k in off) + " already differ)"
+    off = [k for k in inputs if diffs[k][3] in ("cancellation", "inherited")]
+    if off:
+        worst = max(off, key=lambda k: diffs[k][2])
+        if rel <= INHERIT_GROWTH * diffs[worst][2]:
+            return "inherited", f"rel err {rel:.3g} <= {INHERIT_GROWTH:g} x its input {_name(worst)}'s {diffs[worst][2]:.3g}"
+    return "fail", ""
+
+
+def _name(key) -> str:
+    stage, layer = key
+    return stage if layer is None else f"{stage}@{layer}"
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+def _metrics(r: StageResult) -> str:
+    s = r.stats
+    parts = [f"cosine {r.cosine:.6f}" if r.cosine is not None else "cosine n/a"]
+    if r.rel_err is not None:
+        parts.append(f"rel err {r.rel_err:.3e}")
+    if s.get("max_abs_diff") is not None:
+        parts.append(f"max |ours-llama| {s['max_abs_diff']:.3e} at {s['argmax']}")
+    if s.get("n_bad") is not None:
+        parts.append(f"{s['n_bad']} of {s['n']} values beyond atol/rtol")
+    if s.get("nan_mismatch"):
+        parts.append(f"{s['nan_mismatch']} NaN mismatches")
+    return ", ".join(parts)
+
+
+_MARK = {"ok": " ", "cancellation": "~", "inherited": "~", "fail": "*"}
+
+
+def format_table(report: BisectReport) -> str:
+    """Per-layer rows of per-stage cosine (4 decimals; '*' fails, '~' below threshold but explained)."""
+    per_layer = [s for s in STAGES if s not in WHOLE_MODEL_STAGES and any(r.stage == s for r in report.results)]
+    cells = {(r.stage, r.layer): r for r in report.results}
+    layers = sorted({r.layer for r in report.results if r.layer is not None})
+    lines = ["layer " + " ".join(f"{SHORT[s]:>7}" for s in per_layer)]
+    for layer in layers:
+        row = []
+        for s in per_layer:
+            r = cells.get((s, layer))
+            row.append(f"{'-':>7}" if r is None or r.cosine is None else f"{_trunc4(r.cosine)}{_MARK[r.status]}")
+        lines.append(f"{layer:>5} " + " ".join(row))
+    whole = [cells[k] for k in (("embedding", None), ("final_norm", None), ("lm_head", None)) if k in cells]
+    if whole:
+        lines.append("model " + "  ".join(f"{r.stage} {_trunc4(r.cosine)}{_MARK[r.status]}" for r in whole
+                                          if r.cosine is not None))
+    return "\n".join(lines)
+
+
+def _trunc4(c: float) -> str:
+    """Cosine rounded DOWN to 4 decimals, so 0.99996 never shows as 1.0000."""
+    return f"{math.floor(c * 1e4) / 1e4:6.4f}" if c >= 0 else f"{-math.floor(-c * 1e4) / 1e4:6.3f}"
+
+
+def format_report(report: BisectReport) -> str:
+    lines = [format_table(report), ""]
+    explained = [r for r in report.results if r.status in ("cancellation", "inherited")]
+    first = report.first_divergence
+    if explained and (first is None or any(_key_order((r.stage, r.layer)) < _key_order((first.stage, first.layer))
+                                           for r in explained)):
+        shown = [r for r in explained if first is None or report.results.index(r) < report.results.index(first)]
+        lines.append(f"{len(shown)} stage(s) below cosine {report.min_cosine:g} are explained by their inputs:")
+        for r in shown[:6]:
+            lines.append(f"  {r.where}: {r.status}, {_metrics(r)}; {r.note}")
+        if len(shown) > 6:
+            lines.append(f"  ... and {len(shown) - 6} more (all {shown[-1].status if len(shown) else ''}; see --json)")
+    if report.unavailable:
+        lines.append("not compared (llama.cpp has no such node): " + ", ".join(report.unavailable))
+    tol = f"cosine >= {report.min_cosine:g}"
+    if report.atol is not None or report.rtol is not None:
+        tol += f", |ours-llama| <= {report.atol or 0:g} + {report.rtol or 0:g}*|llama|"
+    if first is None:
+        lines.append(f"all {len(report.results)} stages agree with llama.cpp ({tol})")
+    else:
+        prev = report.before(first)
+        lines.append(f"first divergence: {first.where} ({tol} fails): {_metrics(first)}" +
+                     (f"; {first.note}" if first.note else ""))
+        if prev is not None:
+            lines.append(f"  stage before it: {prev.where} ({prev.status}): {_metrics(prev)}")
+    return "\n".join(lines)
+
+
+def plot_report(report: BisectReport, path: Path, title: str) -> None:
+    """Heat map of per-layer, per-stage 1 - cosine (log scale), divergent cells outlined."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    per_layer = [s for s in STAGES if s not in WHOLE_MODEL_STAGES and any(r.stage == s for r in report.results)]
+    layers = sorted({r.layer for r in report.results if r.layer is not None})
+    grid = np.full((len(layers), len(per_layer)), np.nan)
+    status = {}
+    for r in report.results:
+        if r.layer is None or r.cosine is None:
+            continue
+        i, j = layers.index(r.layer), per_layer.index(r.stage)
+        grid[i, j] = max(1.0 - r.cosine, 1e-7)
+        status[i, j] = r.status
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(per_layer), 1.5 + 0.28 * len(layers)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=LogNorm(vmin=1e-6, vmax=max(1.0, np.nanmax(grid))),
+                   interpolation="nearest")
+    ax.set_xticks(range(len(per_layer)), per_layer, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+    ax.set_ylabel("layer")
+    for (i, j), st in status.items():
+        if st != "ok":
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5,
+                                       ec="red" if st == "fail" else "orange"))
+    first = report.first_divergence
+    if first is not None and first.layer is not None and first.stage in per_layer:
+        i, j = layers.index(first.layer), per_layer.index(first.stage)
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=3, ec="white"))
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label("1 - cosine(ours, llama.cpp)")
+    thr = 1.0 - report.min_cosine
+    cb.ax.axhline(thr, color="red", lw=1)
+    verdict = ("all stages agree" if first is None else
+               f"first divergence (white): {first.where}, cosine {first.cosine:.4f}")
+    ax.set_title(f"{title}\n{verdict}\n(orange: below threshold but explained by inputs; red: divergence)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def disk_usage(root: Path) -> int:
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+
+
+def run_bisect(engine, ids: list[int], prompt: str, llama_model: Path, min_cosine: float = DEFAULT_MIN_COSINE,
+               atol: float | None = None, rtol: float | None = None, threads: int = 2, progress: bool = False,
+               tmp_root: Path | None = None) -> BisectReport:
+    """Capture both engines (all stages, all layers) into a temporary folder, compare, remove the folder."""
+    from trace.capture import capture, plan_for_model
+    from trace.llama_capture import capture_llama
+    cfg = engine.config
+    plan = plan_for_model("all", "all", cfg)
+    tmp = Path(tempfile.mkdtemp(prefix="numgguf-bisect-", dir=tmp_root))
+    try:
+        ours_dir, llama_dir = tmp / "numgguf", tmp / "llama.cpp"
+        ours_dir.mkdir()
+        llama_dir.mkdir()
+        t0 = time.perf_counter()
+        mo = capture(engine, ids, plan, ours_dir, prompt, progress=progress)
+        t1 = time.perf_counter()
+        ml = capture_llama(llama_model, ids, plan, llama_dir, prompt, cfg, progress=progress, n_threads=threads)
+        t2 = time.perf_counter()
+        disk = disk_usage(tmp)
+        report = compare_captures(ours_dir, llama_dir, mo, ml, min_cosine, atol, rtol)
+        report.info = {"model": str(engine.path), "llama_model": str(llama_model), "n_tokens": len(ids),
+                       "n_layers": cfg.n_layers, "llama_cpp_python": ml.get("llama_cpp_python"),
+                       "ours_seconds": round(t1 - t0, 3), "llama_seconds": round(t2 - t1, 3),
+                       "compare_seconds": round(time.perf_counter() - t2, 3), "peak_disk_bytes": disk}
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
