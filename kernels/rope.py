@@ -8,6 +8,30 @@ def rope_inv_freq(n_rot: int, base: float) -> np.ndarray:
     return base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
 
 
+@njit(cache=True, inline="always")
+def _rope_row(x, positions, n_heads, head_dim, n_rot, inv_freq, neox, out, t):
+    half = n_rot // 2
+    p = np.float64(positions[t])
+    for h in range(n_heads):
+        base = h * head_dim
+        for i in range(half):
+            ang = p * inv_freq[i]
+            c = np.float32(np.cos(ang))
+            s = np.float32(np.sin(ang))
+            if neox:
+                a = base + i
+                b = base + i + half
+            else:
+                a = base + 2 * i
+                b = a + 1
+            x0 = x[t, a]
+            x1 = x[t, b]
+            out[t, a] = x0 * c - x1 * s
+            out[t, b] = x0 * s + x1 * c
+        for i in range(n_rot, head_dim):
+            out[t, base + i] = x[t, base + i]
+
+
 @njit(cache=True, parallel=True)
 def rope(x, positions, n_heads, head_dim, n_rot, inv_freq, neox, out):
     """Rotate the first n_rot dims of each head of x [n, n_heads*head_dim] into out.
@@ -15,25 +39,12 @@ def rope(x, positions, n_heads, head_dim, n_rot, inv_freq, neox, out):
     NEOX pairs dim i with i + n_rot/2; NORM pairs dim 2i with 2i+1. Dims past
     n_rot pass through. out may alias x.
     """
-    n = x.shape[0]
-    half = n_rot // 2
-    for t in prange(n):
-        p = np.float64(positions[t])
-        for h in range(n_heads):
-            base = h * head_dim
-            for i in range(half):
-                ang = p * inv_freq[i]
-                c = np.float32(np.cos(ang))
-                s = np.float32(np.sin(ang))
-                if neox:
-                    a = base + i
-                    b = base + i + half
-                else:
-                    a = base + 2 * i
-                    b = a + 1
-                x0 = x[t, a]
-                x1 = x[t, b]
-                out[t, a] = x0 * c - x1 * s
-                out[t, b] = x0 * s + x1 * c
-            for i in range(n_rot, head_dim):
-                out[t, base + i] = x[t, base + i]
+    for t in prange(x.shape[0]):
+        _rope_row(x, positions, n_heads, head_dim, n_rot, inv_freq, neox, out, t)
+
+
+@njit(cache=True)
+def rope_serial(x, positions, n_heads, head_dim, n_rot, inv_freq, neox, out):
+    """rope without a parallel launch (decode: one row, where a launch costs more than the work)."""
+    for t in range(x.shape[0]):
+        _rope_row(x, positions, n_heads, head_dim, n_rot, inv_freq, neox, out, t)
