@@ -12,67 +12,22 @@ Options:
 Ours and llama.cpp (when `llama_cpp` is importable: pip install llama-cpp-python==0.3.36)
 are measured interleaved in one process, repeat by repeat; medians are reported with
 the ratio ours/llama.cpp. Absolute numbers on a shared machine are noise; read ratios.
+`python -m cli bench --vs-llama-cpp` is the same measurement (engine/benchmark.py) plus TTFT,
+peak RSS and --json.
 """
 from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 from docopt import docopt  # noqa: E402
 
 from engine.api import Engine  # noqa: E402
 
-TEXT = ("The history of computing is the story of people who wanted to calculate faster. "
-        "From the abacus to mechanical calculators, from punched cards to transistors, each step "
-        "traded one bottleneck for another. ")
-
-
-def prompt_ids(eng: Engine, n: int) -> list[int]:
-    ids = []
-    while len(ids) < n:
-        ids += eng.tokenizer.encode(TEXT)
-    return ids[:n]
-
-
-def measure_ours(eng: Engine, ids: list[int], gen: int) -> dict:
-    t0 = time.perf_counter()
-    logits = eng.prefill(ids)
-    t1 = time.perf_counter()
-    tok = int(np.argmax(logits))
-    out = [tok]
-    for i in range(gen - 1):
-        tok = int(np.argmax(eng.forward([tok], pos=len(ids) + i)[0]))
-        out.append(tok)
-    t2 = time.perf_counter()
-    return {"prefill_tok_s": len(ids) / (t1 - t0), "decode_tok_s": (gen - 1) / (t2 - t1), "ttft_s": t1 - t0,
-            "tokens": out}
-
-
-def _llama_last_logits(llm) -> np.ndarray:
-    import llama_cpp
-    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
-
-
-def measure_llama(llm, ids: list[int], gen: int) -> dict:
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(ids)
-    t1 = time.perf_counter()
-    tok = int(np.argmax(_llama_last_logits(llm)))
-    out = [tok]
-    for _ in range(gen - 1):
-        llm.eval([tok])
-        tok = int(np.argmax(_llama_last_logits(llm)))
-        out.append(tok)
-    t2 = time.perf_counter()
-    return {"prefill_tok_s": len(ids) / (t1 - t0), "decode_tok_s": (gen - 1) / (t2 - t1), "ttft_s": t1 - t0,
-            "tokens": out}
+from engine.benchmark import measure_llama, measure_ours, prompt_ids  # noqa: E402  (shared with `cli bench`)
 
 
 def main() -> int:
