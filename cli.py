@@ -10,6 +10,7 @@ Usage:
   cli tokenize [MODEL] TEXT [--special]
   cli fetch [KEY]
   cli inspect MODEL
+  cli contracts [NAMES...] [--mutate] [--json]
   cli (-h | --help)
 
 Commands:
@@ -25,6 +26,8 @@ Commands:
   tokenize   Print token ids as a JSON list (like llama.cpp's llama-tokenize).
   fetch      Download and verify a known model into the cache (all of them without KEY).
   inspect    Print a model's config and a table of its tensor types.
+  contracts  Validate contracts/*.yaml and run their falsification tests; with --mutate run each
+             test again under its fail point and fail if any test does not catch it.
 
 MODEL is a known key (fetched on first use) or a path to a GGUF file;
 default qwen2.5-coder-1.5b-q4_k_m. Known keys: qwen2.5-coder-1.5b-q4_k_m,
@@ -62,6 +65,7 @@ Options:
   --gen-tokens N     bench: greedy tokens to generate [default: 64].
   --repeat N         bench: interleaved repeats; medians are reported [default: 3].
   --vs-llama-cpp     bench: measure llama.cpp (llama-cpp-python) on the same file too.
+  --mutate           contracts: also run every test under its mutation (fail point).
 """
 from __future__ import annotations
 
@@ -317,7 +321,9 @@ def cmd_tokenize(args) -> int:
     from engine.tokenizer import Tokenizer
     path = resolve_model(args["MODEL"])
     tok = Tokenizer.from_metadata(GGUFFile(path).metadata, source=str(path))
-    print(json.dumps(tok.encode(args["TEXT"], parse_special=args["--special"])))
+    from engine import failpoints
+    special = args["--special"] and not failpoints.active("cli.tokenize_special")
+    print(json.dumps(tok.encode(args["TEXT"], parse_special=special)))
     return 0
 
 
@@ -351,9 +357,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_contracts(args) -> int:
+    from contracts.runner import main as contracts_main
+    return contracts_main(args["NAMES"], mutate=args["--mutate"], as_json=args["--json"])
+
+
 COMMANDS = {"run": cmd_run, "score": cmd_score, "trace": cmd_trace, "diff": cmd_diff, "bisect": cmd_bisect,
             "tokenize": cmd_tokenize, "fetch": cmd_fetch, "bench": cmd_bench,
-            "inspect": cmd_inspect}
+            "inspect": cmd_inspect, "contracts": cmd_contracts}
 
 
 def main(argv=None) -> int:

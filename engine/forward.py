@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine import failpoints
 from engine.errors import EngineError
 from engine.kv_cache import KVCache
 from engine.model import Config, Weights
@@ -73,6 +74,9 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
     if tokens.min() < 0 or tokens.max() >= cfg.vocab:
         raise EngineError(f"token id out of range [0, {cfg.vocab})")
     positions = kv.positions[pos0:pos0 + n]
+    if n == 1 and failpoints.active("forward.decode_position"):
+        positions = kv.positions[0:1]
+    attn_scale = model.attn_scale * (1.5 if failpoints.active("forward.attn_scale") else 1.0)
     qd, kvd, n_keys = cfg.q_dim, cfg.kv_dim, pos0 + n
 
     x = sink.buffer("embedding", None, (n, cfg.dim))
@@ -98,7 +102,7 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
         probs = sink.buffer("attn_softmax", li, (cfg.n_heads, n, n_keys))
         att = sink.buffer("attention", li, (n, qd))
         attention(q_rope, kv.k[li], kv.v[li], pos0, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                  model.attn_scale, scores, probs, att)
+                  attn_scale, scores, probs, att)
         att_out = sink.buffer("attn_out", li, (n, cfg.dim))
         _mm(layer.wo, att, att_out)
         resid = sink.buffer("post_attn_residual", li, (n, cfg.dim))

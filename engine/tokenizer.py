@@ -18,6 +18,7 @@ from datetime import datetime
 import numpy as np
 import regex
 
+from engine import failpoints
 from engine.errors import EngineError
 
 # llama_token_attr bits; GGUF token_type (index) -> attr
@@ -178,6 +179,8 @@ class Tokenizer:
         self._tokens, self._ids, self._attrs, self.n_vocab = tokens, ids, attrs, len(tokens)
         # llama.cpp keeps the first rank of a duplicated merge; keys are "left right"
         self._ranks = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1)))
+        if failpoints.active("tokenizer.merge_order"):
+            self._ranks = {k: -r for k, r in self._ranks.items()}
         regexes, self._ignore_merges, _ = pre
         self._regexes = [regex.compile(r) for r in regexes]
         self.bos_id, self.eos_id, self.eog_ids, self.add_bos = roles["bos"], roles["eos"], eog_ids, add_bos
@@ -230,6 +233,8 @@ class Tokenizer:
     def encode(self, text: str, parse_special: bool = False) -> list[int]:
         """Token ids of text (no BOS added). parse_special: control-token texts become their ids."""
         out: list[int] = []
+        if failpoints.active("tokenizer.no_special"):
+            parse_special = False
         for frag in self._partition(text, parse_special):
             if isinstance(frag, int):
                 out.append(frag)

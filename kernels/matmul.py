@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine import failpoints
 from kernels._dequant import dequantize_rows
 from kernels._gemm import gemm
 from kernels._matvec import mv_float, mv_q4_1, mv_q4_k, mv_q5_0, mv_q6_k, mv_q8_0
@@ -81,6 +82,8 @@ def matmul(w, qtype: int, x: np.ndarray, out: np.ndarray) -> None:
         mv_float(w, qtype, x[0], out[0], F16_TO_F32)
     elif x.shape[0] > 1:
         gemm(w, qtype, x, out, F16_TO_F32)
+    if failpoints.active("quant.matmul_scale"):
+        out *= np.float32(1.01)
 
 
 def get_rows(w, qtype: int, ids: np.ndarray, out: np.ndarray) -> None:
@@ -93,6 +96,8 @@ def get_rows(w, qtype: int, ids: np.ndarray, out: np.ndarray) -> None:
         raise ValueError(f"ids out of range [0, {w.shape[0]}): min {ids.min()}, max {ids.max()}")
     out = _float_out(out, (ids.shape[0], cols))
     dequantize_rows(w, qtype, ids.astype(np.int64, copy=False), out, F16_TO_F32)
+    if failpoints.active("quant.get_rows_ulp") and out.size:
+        out[:, -1] = np.nextafter(out[:, -1], np.float32(np.inf))
 
 
 def dequantize(w, qtype, shape) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine import failpoints
 from trace.stages import STAGE_INDEX, WHOLE_MODEL_STAGES
 
 MAGIC = b"APRT"
@@ -70,6 +71,8 @@ def _header(path, layer: int | None, count: int) -> bytes:
         raise AprtError(f"{path}: layer {layer} does not fit the u32 layer field")
     if not 0 <= count <= MAX_COUNT:
         raise AprtError(f"{path}: count {count} would overflow the u32 count field (max {MAX_COUNT})")
+    if failpoints.active("aprt.header_layer"):
+        field = (field + 1) & WHOLE_MODEL
     return HEADER.pack(MAGIC, field, count)
 
 
@@ -78,6 +81,8 @@ def write_aprt(path, layer: int | None, values: np.ndarray) -> None:
     path = Path(path)
     header = _header(path, layer, np.size(values))
     body = np.ascontiguousarray(values, dtype=DTYPE).reshape(-1)
+    if failpoints.active("aprt.nan_canonical"):
+        body = np.where(np.isnan(body), np.float32("nan"), body).astype(DTYPE)
     partial = partial_path(path)
     try:
         with open(partial, "wb") as f:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+from engine import failpoints
 from trace.stages import ALIASES, STAGE_INDEX, STAGES, WHOLE_MODEL_STAGES
 
 _NUMBER = re.compile(r"[0-9]+")
@@ -51,6 +52,8 @@ def _parse_layer_item(item: str, text: str, n_layers: int) -> range:
         raise PlanError(f"{what}: expected N, A-B or all; {_model_layers(n_layers)}")
     if hi >= n_layers:
         raise PlanError(f"layer {hi} is out of range: {_model_layers(n_layers)}")
+    if failpoints.active("plan.range_exclusive"):
+        return range(lo, hi)
     return range(lo, hi + 1)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine import failpoints
 from trace.aprt import create_aprt, partial_path, stage_path
 
 
@@ -71,6 +72,7 @@ class TraceSink:
         self.n_layers = n_layers
         self._scratch = NullSink()
         self._requested: set[tuple[str, int | None]] = set()
+        self._copies: list = []
         # the sink keeps only a weak reference to each file's map: once the forward drops a
         # buffer its pages are unmapped (they stay in the page cache, not in this process's RSS),
         # so a capture of every stage of every layer costs about one layer of resident memory
@@ -91,12 +93,21 @@ class TraceSink:
         path = stage_path(self.out_dir, stage, layer)
         path.parent.mkdir(parents=True, exist_ok=True)
         body = create_aprt(partial_path(path), layer, math.prod(shape))
+        if failpoints.active("sink.publish_early"):
+            path.unlink(missing_ok=True)
+            os.link(partial_path(path), path)
+        if failpoints.active("sink.copy"):
+            self._copies.append((body, scratch := np.zeros(shape, np.float32)))
+            self._open.append((stage, layer, tuple(shape), path, weakref.ref(body)))
+            return scratch
         self._open.append((stage, layer, tuple(shape), path, weakref.ref(body)))
         return body.reshape(shape)
 
     def finish(self) -> list[tuple[str, int | None, tuple, Path]]:
         """Flush and publish every file of this forward; return (stage, layer, shape, path) for each."""
         written = []
+        for body, scratch in self._copies:  # only under the sink.copy fail point
+            body[:] = scratch.reshape(-1)
         for stage, layer, shape, path, ref in self._open:
             body = ref()
             if body is not None:  # still mapped (held by the caller): write it back now
@@ -113,6 +124,7 @@ class TraceSink:
         self._reset()
 
     def _reset(self) -> None:
+        self._copies = []
         self._open = []
         self._requested = set()
 

@@ -1,0 +1,1 @@
+"""Contracts: the engine's and the trace's invariants (contracts/*.yaml) and their runner."""

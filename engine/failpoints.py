@@ -1,0 +1,44 @@
+"""Fail points: named faults the contract runner switches on to prove its tests can fail.
+
+``NUMGGUF_FAILPOINTS`` (a comma list of names from CATALOGUE) is read once, at import, into
+a frozenset. A hook is one Python-level line, ``if failpoints.active("name"): ...``, in a
+wrapper (never inside an @njit kernel), so with the variable unset a hook costs one set lookup.
+Unknown names are an error at import, so a typo cannot silently switch nothing on.
+(The idea is TiKV's and etcd's fail points; `python -m cli contracts --mutate` drives them.)
+"""
+from __future__ import annotations
+
+import os
+
+ENV = "NUMGGUF_FAILPOINTS"
+
+CATALOGUE: dict[str, str] = {
+    "quant.matmul_scale": "kernels.matmul.matmul scales its output by 1.01",
+    "quant.get_rows_ulp": "kernels.matmul.get_rows moves each row's last value up by one ulp",
+    "aprt.header_layer": "trace.aprt writes the layer field off by one",
+    "aprt.nan_canonical": "trace.aprt.write_aprt replaces NaN payloads by the canonical quiet NaN",
+    "sink.copy": "TraceSink.buffer hands out scratch and copies it into the file at finish",
+    "sink.publish_early": "TraceSink.buffer makes the final file name visible before finish",
+    "plan.range_exclusive": "trace.plan reads the layer range A-B as exclusive of B",
+    "tokenizer.merge_order": "the BPE merge ranks are reversed (last merge first)",
+    "tokenizer.no_special": "encode ignores parse_special=True",
+    "forward.decode_position": "a one-token forward ropes at position 0 instead of pos0",
+    "forward.attn_scale": "the forward scales attention logits by 1.5 too much",
+    "cli.tokenize_special": "`cli tokenize --special` does not parse special tokens",
+}
+
+
+def _parse(text: str) -> frozenset:
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(names - CATALOGUE.keys())
+    if unknown:
+        raise ValueError(f"{ENV}: unknown fail point {unknown[0]!r}; known: {', '.join(sorted(CATALOGUE))}")
+    return names
+
+
+ACTIVE: frozenset = _parse(os.environ.get(ENV, ""))
+
+
+def active(name: str) -> bool:
+    """Whether fail point `name` is switched on (always False unless NUMGGUF_FAILPOINTS names it)."""
+    return name in ACTIVE
