@@ -73,24 +73,10 @@ def test_matmul_128(benchmark, qtype, shape_name):
 
 
 MODELS = ("qwen2.5-coder-1.5b-q4_k_m", "qwen2.5-coder-0.5b-q4_k_m", "smollm2-135m-q4_1")
-_ENGINES = {}
-
-
-def _engine(key):
-    from engine.api import Engine
-    from engine.fetch import model_path
-    path = model_path(key)
-    if not path.exists():
-        pytest.skip(f"{key} is not in the model cache; `python -m cli fetch {key}` first")
-    if key not in _ENGINES:
-        _ENGINES[key] = Engine(path, n_ctx=256)
-    return _ENGINES[key]
-
-
 @pytest.mark.model
 @pytest.mark.parametrize("key", MODELS)
-def test_decode_step(benchmark, key):
-    eng = _engine(key)
+def test_decode_step(benchmark, cached_engine, key):
+    eng = cached_engine(key)
     ids = list(range(100, 228))
     eng.prefill(ids)
     benchmark.group = "decode step (position 128)"
@@ -99,8 +85,8 @@ def test_decode_step(benchmark, key):
 
 @pytest.mark.model
 @pytest.mark.parametrize("key", MODELS)
-def test_prefill_128(benchmark, key):
-    eng = _engine(key)
+def test_prefill_128(benchmark, cached_engine, key):
+    eng = cached_engine(key)
     ids = list(range(100, 228))
     benchmark.group = "prefill 128 tokens"
     benchmark.pedantic(eng.prefill, args=(ids,), rounds=3, iterations=1, warmup_rounds=1)

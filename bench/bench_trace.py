@@ -24,20 +24,6 @@ SINKS = ("null", "ffn_swigl L0-3", "all stages, all layers")
 PLANS = {"ffn_swigl L0-3": ("ffn_swigl", "0-3"), "all stages, all layers": ("all", "all")}
 LONG_TEXT = ("The quick brown fox jumps over the lazy dog. " * 8 + "def fibonacci(n):\n    a, b = 0, 1\n"
              "    for _ in range(n):\n        a, b = b, a + b\n    return a\n") * 6
-_ENGINES = {}
-
-
-def _engine(key):
-    from engine.api import Engine
-    from engine.fetch import model_path
-    path = model_path(key)
-    if not path.exists():
-        pytest.skip(f"{key} is not in the model cache ({path}); `python -m cli fetch {key}` first")
-    if key not in _ENGINES:
-        _ENGINES[key] = Engine(path, n_ctx=256)
-    return _ENGINES[key]
-
-
 def _prompt(eng, n_tokens):
     if n_tokens == 7:
         ids = eng.prompt_ids("What is 2+2?", raw=True)
@@ -58,10 +44,10 @@ def out_dir():
 @pytest.mark.parametrize("sink_name", SINKS)
 @pytest.mark.parametrize("n_tokens", [7, 128])
 @pytest.mark.parametrize("key", MODELS)
-def test_forward_with_sink(benchmark, trace_results, key, n_tokens, sink_name, out_dir):
+def test_forward_with_sink(benchmark, trace_results, cached_engine, key, n_tokens, sink_name, out_dir):
     from trace.capture import plan_for_model
     from trace.sink import NullSink, TraceSink
-    eng = _engine(key)
+    eng = cached_engine(key)
     ids = _prompt(eng, n_tokens)
     if sink_name == "null":
         sink = NullSink()

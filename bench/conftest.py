@@ -11,6 +11,24 @@ import pytest
 
 
 @pytest.fixture(scope="session")
+def cached_engine():
+    """get(key) -> one Engine per cached model for the session; skips when the model is not cached."""
+    engines = {}
+
+    def get(key):
+        from engine.api import Engine
+        from engine.fetch import model_path
+        path = model_path(key)
+        if not path.exists():
+            pytest.skip(f"{key} is not in the model cache ({path}); `python -m cli fetch {key}` first")
+        if key not in engines:
+            engines[key] = Engine(path, n_ctx=256)
+        return engines[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def trace_results(pytestconfig):
     """(model, n_tokens, sink) -> (min, median) seconds; printed as ratios at the end of the run."""
     return pytestconfig.__dict__.setdefault("_trace_bench_results", {})
