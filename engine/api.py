@@ -43,10 +43,10 @@ def _note_first_compile() -> None:
 class Engine:
     """A loaded model: config, memory-mapped weights, tokenizer and a KV cache."""
 
-    def __init__(self, path: Path, n_ctx: int | None = None):
+    def __init__(self, path: Path, n_ctx: int | None = None, exact: bool = False):
         self.path = Path(path)
         self.gguf, self.config, weights = open_model(self.path)
-        self.model = Model(self.config, weights)
+        self.model = Model(self.config, weights, exact=exact)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata, source=str(self.path))
         if self.tokenizer.n_vocab != self.config.vocab:
             raise EngineError(f"{self.path}: tokenizer has {self.tokenizer.n_vocab} tokens but the model "
@@ -68,13 +68,15 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None = None, n_ctx: int | None = None, threads: int | None = None,
-             quiet: bool = False) -> "Engine":
-        """Load a model by key (fetched on first use) or GGUF path."""
+             quiet: bool = False, exact: bool = False) -> "Engine":
+        """Load a model by key (fetched on first use) or GGUF path.
+
+        exact=True runs every matmul in float32 instead of llama.cpp's int8 activations."""
         set_threads(threads)
         path = resolve_model(model, quiet=quiet)
         if not quiet:
             _note_first_compile()
-        return cls(path, n_ctx=n_ctx)
+        return cls(path, n_ctx=n_ctx, exact=exact)
 
     # -- prompts ---------------------------------------------------------------------
     def prompt_ids(self, text: str, raw: bool = False) -> list[int]:

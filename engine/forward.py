@@ -14,16 +14,26 @@ from engine.model import Config, Weights
 from kernels.attention import attention, store_kv
 from kernels import elementwise, norm
 from kernels import rope as rope_mod
-from kernels.matmul import get_rows, matmul
+from kernels.matmul import Int8Activations, get_rows, int8_ready, matmul, matmul_int8
 from kernels.rope import rope_inv_freq
 
 
 class Model:
-    """Config + Weights + the small derived constants the forward needs."""
+    """Config + Weights + the small derived constants the forward needs.
 
-    def __init__(self, cfg: Config, weights: Weights):
+    By default a one-token forward (decode) runs its Q4_K/Q6_K matmuls on int8
+    activations with integer dot products, as llama.cpp does; a prompt (n > 1)
+    stays float32 so its logits carry no rounding beyond float32's, which keeps
+    them inside the parity bounds against llama.cpp (with int8 activations one
+    visible case fell to cosine 0.9988 < 0.999). exact=True keeps every matmul in
+    float32 (each weight dequantized exactly), for stage-by-stage comparison with
+    a float reference."""
+
+    def __init__(self, cfg: Config, weights: Weights, exact: bool = False):
         self.cfg = cfg
         self.weights = weights
+        self.exact = exact
+        self.int8 = Int8Activations()
         self.inv_freq = rope_inv_freq(cfg.n_rot, cfg.rope_base)
         self.attn_scale = 1.0 / np.sqrt(cfg.head_dim)
         # q, k and v biases side by side, matching the qkv_matmul layout
@@ -55,8 +65,20 @@ def silu_and_swiglu(gate, up, silu_out, swiglu_out):
         gate, up, silu_out, swiglu_out)
 
 
-def _mm(w, x, out):
-    matmul(w.data, w.qtype, x, out)
+def _int8_input(model: Model, n: int, x, *ws):
+    """For a decode step (n == 1 tokens), x quantized once for all of the matmuls ws if they
+    all take int8 activations; else None (float32 matmuls)."""
+    if model.exact or n != 1 or not all(int8_ready(w.qtype, w.cols) for w in ws):
+        return None
+    return model.int8.quantize(x)
+
+
+def _mm(w, x, out, xq=None):
+    """out = x @ W.T, with the int8 path when x's quantization xq is given."""
+    if xq is not None:
+        matmul_int8(w.data, w.qtype, xq, out)
+    else:
+        matmul(w.data, w.qtype, x, out)
 
 
 def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_logits: bool = False):
@@ -85,9 +107,10 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
         h = sink.buffer("attn_norm", li, (n, cfg.dim))
         rmsnorm(x, layer.attn_norm, cfg.eps, h)
         qkv = sink.buffer("qkv_matmul", li, (n, qd + 2 * kvd))
-        _mm(layer.wq, h, qkv[:, :qd])
-        _mm(layer.wk, h, qkv[:, qd:qd + kvd])
-        _mm(layer.wv, h, qkv[:, qd + kvd:])
+        hq = _int8_input(model, n, h, layer.wq, layer.wk, layer.wv)
+        _mm(layer.wq, h, qkv[:, :qd], hq)
+        _mm(layer.wk, h, qkv[:, qd:qd + kvd], hq)
+        _mm(layer.wv, h, qkv[:, qd + kvd:], hq)
         if model.qkv_bias[li] is not None:
             biased = sink.buffer("qkv_bias", li, (n, qd + 2 * kvd))
             add_bias(qkv, model.qkv_bias[li], biased)
@@ -104,20 +127,21 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
         attention(q_rope, kv.k[li], kv.v[li], pos0, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                   attn_scale, scores, probs, att)
         att_out = sink.buffer("attn_out", li, (n, cfg.dim))
-        _mm(layer.wo, att, att_out)
+        _mm(layer.wo, att, att_out, _int8_input(model, n, att, layer.wo))
         resid = sink.buffer("post_attn_residual", li, (n, cfg.dim))
         add(x, att_out, resid)
         h = sink.buffer("ffn_norm", li, (n, cfg.dim))
         rmsnorm(resid, layer.ffn_norm, cfg.eps, h)
         gate = sink.buffer("ffn_gate", li, (n, cfg.ffn_dim))
-        _mm(layer.w_gate, h, gate)
+        hq = _int8_input(model, n, h, layer.w_gate, layer.w_up)
+        _mm(layer.w_gate, h, gate, hq)
         up = sink.buffer("ffn_up", li, (n, cfg.ffn_dim))
-        _mm(layer.w_up, h, up)
+        _mm(layer.w_up, h, up, hq)
         silu = sink.buffer("ffn_silu", li, (n, cfg.ffn_dim))
         swigl = sink.buffer("ffn_swigl", li, (n, cfg.ffn_dim))
         silu_and_swiglu(gate, up, silu, swigl)
         down = sink.buffer("ffn_out", li, (n, cfg.dim))
-        _mm(layer.w_down, swigl, down)
+        _mm(layer.w_down, swigl, down, _int8_input(model, n, swigl, layer.w_down))
         x_next = sink.buffer("post_ffn_residual", li, (n, cfg.dim))
         add(resid, down, x_next)
         x = x_next
@@ -125,5 +149,5 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
     rmsnorm(x, w.output_norm, cfg.eps, normed)
     rows = normed if all_logits else normed[n - 1:]
     logits = sink.buffer("lm_head", None, (rows.shape[0], cfg.vocab))
-    _mm(w.output, rows, logits)
+    _mm(w.output, rows, logits, _int8_input(model, n, rows, w.output))
     return logits

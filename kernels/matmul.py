@@ -10,6 +10,11 @@ dot products accumulate in float32 in a blocked order, so
 |out - x @ W.T| <= 1e-4 * (|x| @ |W|.T) for rows up to ~25000 columns (the
 derivation is in tests/test_quant_kernels.py).
 
+`matmul_int8` is the fast path for Q4_K and Q6_K weights: the activations are
+first quantized to int8 (`Int8Activations`, ggml's Q8_K layout) and every block
+dot product is an exact integer (kernels/_q8.py); the only error is the int8
+rounding of the activations, the approximation llama.cpp makes.
+
 Numba's cache keys each kernel on its own source file only: after editing
 kernels/_dequant.py or kernels/f16.py, delete kernels/__pycache__/*.nb[ic] or
 the kernels that inline them keep running the old code.
@@ -21,6 +26,7 @@ import numpy as np
 from engine import failpoints
 from kernels._dequant import dequantize_rows
 from kernels._gemm import gemm
+from kernels._q8 import QK, mm_q4_k_q8, mm_q6_k_q8, quantize_q8k
 from kernels._matvec import mv_float, mv_q4_1, mv_q4_k, mv_q5_0, mv_q6_k, mv_q8_0
 from kernels.f16 import F16_TO_F32
 from kernels.quants import F16, F32, GGML_TYPES, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, type_name
@@ -28,6 +34,7 @@ from kernels.quants import F16, F32, GGML_TYPES, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, t
 SUPPORTED = (F32, F16, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)
 _MATVEC = {Q4_K: mv_q4_k, Q6_K: mv_q6_k, Q4_1: mv_q4_1, Q5_0: mv_q5_0, Q8_0: mv_q8_0}
 _FLOAT_DTYPES = {F32: np.float32, F16: np.float16}
+_INT8_MATMUL = {Q4_K: mm_q4_k_q8, Q6_K: mm_q6_k_q8}
 
 
 def _weight_bytes(w, qtype: int) -> tuple[np.ndarray, int]:
@@ -82,6 +89,54 @@ def matmul(w, qtype: int, x: np.ndarray, out: np.ndarray) -> None:
         mv_float(w, qtype, x[0], out[0], F16_TO_F32)
     elif x.shape[0] > 1:
         gemm(w, qtype, x, out, F16_TO_F32)
+    if failpoints.active("quant.matmul_scale"):
+        out *= np.float32(1.01)
+
+
+def int8_ready(qtype: int, cols: int) -> bool:
+    """Whether `matmul_int8` handles weights of this type and width."""
+    return qtype in _INT8_MATMUL and cols % QK == 0
+
+
+class Int8Activations:
+    """Activation rows quantized to int8 in blocks of 256 with a float32 scale per block
+    and the sums of every 16 values (ggml's Q8_K), for `matmul_int8`.
+
+    Buffers are allocated once per shape and reused: the result of `quantize` stays
+    valid until the next `quantize` of the same shape."""
+
+    def __init__(self):
+        self._buffers: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(xq int8 [n, cols], scales float32 [n, cols/256], sums int32 [n, cols/16]) of x [n, cols]."""
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2):
+            raise ValueError("x must be a float32 array [n, cols]")
+        n, cols = x.shape
+        if cols % QK:
+            raise ValueError(f"int8 activations need a multiple of {QK} columns, got {cols}")
+        bufs = self._buffers.get((n, cols))
+        if bufs is None:
+            bufs = (np.empty((n, cols), np.int8), np.empty((n, cols // QK), np.float32),
+                    np.empty((n, cols // 16), np.int32))
+            self._buffers[n, cols] = bufs
+        quantize_q8k(x if x.flags.c_contiguous else np.ascontiguousarray(x), *bufs)
+        return bufs
+
+
+def matmul_int8(w, qtype: int, xq: tuple[np.ndarray, np.ndarray, np.ndarray], out: np.ndarray) -> None:
+    """out[n, rows] = x @ W.T for Q4_K/Q6_K weights and x quantized by `Int8Activations.quantize`.
+
+    Each block's dot product is exact in integers; the result differs from `matmul`
+    only by the int8 rounding of x (at most half a step, max|x_block|/254, per element)."""
+    w, cols = _weight_bytes(w, qtype)
+    if not int8_ready(qtype, cols):
+        raise ValueError(f"no int8 matmul for {type_name(qtype)} weights with {cols} columns")
+    q, d, sums = xq
+    if q.shape[1] != cols:
+        raise ValueError(f"x has {q.shape[1]} columns but the {type_name(qtype)} weights have {cols}")
+    out = _float_out(out, (q.shape[0], w.shape[0]))
+    _INT8_MATMUL[qtype](w, q, d, sums, out, F16_TO_F32)
     if failpoints.active("quant.matmul_scale"):
         out *= np.float32(1.01)
 

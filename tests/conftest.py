@@ -35,9 +35,11 @@ def model_file(key: str) -> Path:
 _ENGINES = {}
 
 
-def engine_for(key: str):
-    """One loaded Engine per model for the whole session (the KV cache is reused)."""
+def engine_for(key: str, exact: bool = False):
+    """One loaded Engine per model and mode for the whole session (the KV cache is reused).
+
+    exact=True keeps decode steps in float32 too (no int8 activations)."""
     from engine.api import Engine
-    if key not in _ENGINES:
-        _ENGINES[key] = Engine(model_file(key), n_ctx=512)
-    return _ENGINES[key]
+    if (key, exact) not in _ENGINES:
+        _ENGINES[key, exact] = Engine(model_file(key), n_ctx=512, exact=exact)
+    return _ENGINES[key, exact]

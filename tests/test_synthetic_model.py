@@ -21,7 +21,7 @@ PROMPT = "the theater is on the other side"
 def tiny(request, tmp_path_factory):
     arch, qtype = request.param
     path = write_tiny_model(tmp_path_factory.mktemp("tiny") / f"{arch}.gguf", arch=arch, qtype=qtype)
-    return path, Engine(path, n_ctx=64)
+    return path, Engine(path, n_ctx=64, exact=True)   # float32 decode: compared with a float reference
 
 
 def test_every_stage_matches_numpy_reference(tiny):

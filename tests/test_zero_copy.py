@@ -27,7 +27,7 @@ from trace.sink import TraceSink
 from tests.helpers import KeepSink, memmap_base
 
 # kernel name -> how many trailing positional arguments are outputs
-KERNEL_OUTPUTS = {"get_rows": 1, "rmsnorm": 1, "matmul": 1, "add_bias": 1, "rope": 1, "attention": 3, "add": 1,
+KERNEL_OUTPUTS = {"get_rows": 1, "rmsnorm": 1, "matmul": 1, "matmul_int8": 1, "add_bias": 1, "rope": 1, "attention": 3, "add": 1,
                   "silu_and_swiglu": 2}
 
 

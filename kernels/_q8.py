@@ -1,0 +1,81 @@
+"""K-quant matmuls against int8 activations (llama.cpp's Q8_K path).
+
+Each activation row is quantized once per matmul to int8 in blocks of 256 with
+one float32 scale per block (`quantize_q8k`, the same rounding as ggml's
+quantize_row_q8_K), plus the sums of every 16 quantized values. Each weight
+block's dot product is then an exact integer (kernels/_simd.py) scaled by the
+block's float scales. The error against the float path is that of the int8
+activations: about 0.4% of |x| per element, the same approximation llama.cpp makes.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from kernels._simd import q4k_row_dot, q4k_row_dot4, q6k_row_dot, q6k_row_dot4
+
+QK = 256                                    # activations per int8 block
+CHUNK = 16                                  # weight rows per parallel work item
+
+
+@njit(cache=True, inline="always")
+def _quantize_row(x, xq, xd, bs):
+    for b in range(x.shape[0] // QK):
+        amax, vmax = np.float32(0.0), np.float32(0.0)
+        for i in range(b * QK, b * QK + QK):
+            if abs(x[i]) > amax:
+                amax, vmax = abs(x[i]), x[i]
+        if amax == 0.0:
+            xd[b] = 0.0
+            xq[b * QK:b * QK + QK] = 0
+            bs[b * 16:b * 16 + 16] = 0
+            continue
+        iscale = np.float32(-127.0) / vmax
+        for g in range(16):
+            t = 0
+            for i in range(b * QK + 16 * g, b * QK + 16 * g + 16):
+                v = min(127, int(np.rint(iscale * x[i])))
+                xq[i] = v
+                t += v
+            bs[b * 16 + g] = t
+        xd[b] = np.float32(1.0) / iscale
+
+
+@njit(cache=True)
+def quantize_q8k(x, xq, xd, bs):
+    """Quantize rows x[n, cols] (cols % 256 == 0) into xq int8 [n, cols], scales xd float32
+    [n, cols/256] and 16-element sums bs int32 [n, cols/16]."""
+    for t in range(x.shape[0]):
+        _quantize_row(x[t], xq[t], xd[t], bs[t])
+
+
+# Work items are CHUNK weight rows; inside one, activation rows go four at a time so each
+# weight block is unpacked once per four tokens while the chunk's rows stay in cache.
+@njit(cache=True, parallel=True)
+def mm_q4_k_q8(w, xq, xd, bs, out, lut):
+    """out[t, r] = W[r] . x[t] for Q4_K rows W and quantized activations (see quantize_q8k)."""
+    rows, n = w.shape[0], xq.shape[0]
+    xs, ds, bst = xq.shape[1], xd.shape[1], bs.shape[1]
+    for c in prange((rows + CHUNK - 1) // CHUNK):
+        for t in range(0, n - 3, 4):
+            for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = q4k_row_dot4(
+                    w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
+        for t in range(n - n % 4, n):
+            for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
+                out[t, r] = q4k_row_dot(w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
+
+
+@njit(cache=True, parallel=True)
+def mm_q6_k_q8(w, xq, xd, bs, out, lut):
+    """out[t, r] = W[r] . x[t] for Q6_K rows W and quantized activations (see quantize_q8k)."""
+    rows, n = w.shape[0], xq.shape[0]
+    xs, ds, bst = xq.shape[1], xd.shape[1], bs.shape[1]
+    for c in prange((rows + CHUNK - 1) // CHUNK):
+        for t in range(0, n - 3, 4):
+            for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = q6k_row_dot4(
+                    w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
+        for t in range(n - n % 4, n):
+            for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
+                out[t, r] = q6k_row_dot(w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)

@@ -1,0 +1,244 @@
+"""Integer block dot products written as LLVM IR (Numba intrinsics).
+
+LLVM does not turn Numba loops into `vpdpbusd` (u8 x s8, four products per
+32-bit lane), the instruction llama.cpp's K-quant dot products are built on, and
+the nibble loops it does vectorize stay in 32-bit lanes (see PERF-NOTES.md).
+These intrinsics build one weight block's dot product against int8 activations
+directly from 256-bit vector operations, so each `vpdpbusd` does 32 multiply-adds.
+
+On a CPU without AVX512-VNNI the same IR is emitted with the four-product step
+spelled as widen, multiply and add, which LLVM maps to whatever the target has;
+Numba's cache is keyed on the CPU, so a cached VNNI build is never run elsewhere.
+
+Every result is an exact integer: callers turn it into floats with the block's
+scales, so the only rounding is that of the int8 activations themselves.
+"""
+from __future__ import annotations
+
+import llvmlite.binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
+
+HAS_VNNI = bool(llvm_binding.get_host_cpu_features().get("avx512vnni", False))
+
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_V32I8, _V8I32, _V16I32 = ir.VectorType(_I8, 32), ir.VectorType(_I32, 8), ir.VectorType(_I32, 16)
+_V16I8, _V8I8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 8)
+
+
+def _splat(ty: ir.VectorType, value: int) -> ir.Constant:
+    return ir.Constant(ty, [ir.Constant(ty.element, value)] * ty.count)
+
+
+def _shuffle(builder, vec, idx):
+    mask = ir.Constant(ir.VectorType(_I32, len(idx)), [ir.Constant(_I32, i) for i in idx])
+    return builder.shuffle_vector(vec, ir.Constant(vec.type, None), mask)
+
+
+def _dot4(builder, u8: ir.Value, s8: ir.Value) -> ir.Value:
+    """<8 x i32>: lane i = sum_k u8[4i+k] * s8[4i+k] (u8 unsigned, s8 signed; both <32 x i8>)."""
+    if HAS_VNNI:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+        return builder.call(fn, [ir.Constant(_V8I32, None), builder.bitcast(u8, _V8I32),
+                                 builder.bitcast(s8, _V8I32)])
+    v32i32 = ir.VectorType(_I32, 32)
+    prod = builder.mul(builder.zext(u8, v32i32), builder.sext(s8, v32i32))
+    total = _shuffle(builder, prod, range(0, 32, 4))
+    for k in (1, 2, 3):
+        total = builder.add(total, _shuffle(builder, prod, range(k, 32, 4)))
+    return total
+
+
+PREFETCH_AHEAD = 1536   # bytes: weight rows stream from DRAM; fetch this far ahead of the block in use
+
+
+def _prefetch(builder, base, offset: int) -> None:
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
+        "llvm.prefetch.p0")
+    ptr = builder.gep(base, [ir.Constant(_I64, offset)])
+    builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+def _load(builder, base, offset: int, ty):
+    """Unaligned load of `ty` at byte pointer base + offset."""
+    ptr = builder.gep(base, [ir.Constant(_I64, offset)]) if offset else base
+    return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=1)
+
+
+def _ptr(context, builder, arrty, arr, idxty, idx):
+    """Pointer to element `idx` of a 1-D array argument, as a byte pointer for int8/uint8 arrays."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    return builder.gep(data, [context.cast(builder, idx, idxty, types.intp)])
+
+
+def _q4k_scales_mins(builder, blk):
+    """The 8 six-bit scales and 8 mins of a Q4_K block (bytes 4..15) as two <8 x i32>.
+
+    The 12 packed bytes are read as three little-endian words and rearranged so the
+    scales fill two words and the mins two more (the same bit moves as ggml)."""
+    u0, u1, u2 = (_load(builder, blk, o, _I32) for o in (4, 8, 12))
+    m1, m2, m3 = (ir.Constant(_I32, v) for v in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
+    c4, c6 = ir.Constant(_I32, 4), ir.Constant(_I32, 6)
+    sc_lo = builder.and_(u0, m1)
+    sc_hi = builder.or_(builder.and_(u2, m2), builder.shl(builder.and_(builder.lshr(u0, c6), m3), c4))
+    mn_lo = builder.and_(u1, m1)
+    mn_hi = builder.or_(builder.and_(builder.lshr(u2, c4), m2), builder.shl(builder.and_(builder.lshr(u1, c6), m3), c4))
+
+    def widen(lo, hi):
+        pair = builder.insert_element(ir.Constant(ir.VectorType(_I32, 2), None), lo, ir.Constant(_I32, 0))
+        pair = builder.insert_element(pair, hi, ir.Constant(_I32, 1))
+        return builder.zext(builder.bitcast(pair, _V8I8), _V8I32)
+    return widen(sc_lo, sc_hi), widen(mn_lo, mn_hi)
+
+
+def _q4k_block(builder, blk, xps, bps):
+    """Integer parts of one Q4_K block against each token's activations (byte pointer xps[t]
+    to its 256 int8 values, bps[t] to their 16 sums): [(sum_s sc_s*dot(q_s, x_s) as <8 x i32>
+    partial sums, min_s * sum(x_s) as <8 x i32>) per token], the weights unpacked once."""
+    scales, mins = _q4k_scales_mins(builder, blk)
+    low4, four = _splat(_V32I8, 15), _splat(_V32I8, 4)
+    quads, splats = [], []
+    for j in range(4):
+        q = _load(builder, blk, 16 + 32 * j, _V32I8)
+        quads += [builder.and_(q, low4), builder.lshr(q, four)]
+        splats += [_shuffle(builder, scales, [2 * j] * 8), _shuffle(builder, scales, [2 * j + 1] * 8)]
+    parts = []
+    for xp, bp in zip(xps, bps):
+        acc = None
+        for s in range(8):
+            term = builder.mul(_dot4(builder, quads[s], _load(builder, xp, 32 * s, _V32I8)), splats[s])
+            acc = term if acc is None else builder.add(acc, term)
+        bs = builder.load(builder.bitcast(bp, _V16I32.as_pointer()), align=4)
+        bs32 = builder.add(_shuffle(builder, bs, range(0, 16, 2)), _shuffle(builder, bs, range(1, 16, 2)))
+        parts.append((acc, builder.mul(bs32, mins)))
+    return parts
+
+
+def _q6k_block(builder, blk, xps, bps):
+    """sum_i sc_i * dot(q_i - 32, x_i) of one Q6_K block per token, as <8 x i32> partial sums."""
+    scales = builder.sext(_load(builder, blk, 192, _V16I8), _V16I32)
+    low4, three, four = _splat(_V32I8, 15), _splat(_V32I8, 3), _splat(_V32I8, 4)
+    quads, splats = [], []
+    for h in range(2):
+        ql0 = _load(builder, blk, 64 * h, _V32I8)
+        ql1 = _load(builder, blk, 64 * h + 32, _V32I8)
+        qh = _load(builder, blk, 128 + 32 * h, _V32I8)
+
+        def high(shift):
+            bits = builder.lshr(qh, _splat(_V32I8, shift)) if shift else qh
+            return builder.shl(builder.and_(bits, three), four)
+        quads += [builder.or_(builder.and_(ql0, low4), high(0)),
+                  builder.or_(builder.and_(ql1, low4), high(2)),
+                  builder.or_(builder.lshr(ql0, four), high(4)),
+                  builder.or_(builder.lshr(ql1, four), high(6))]
+        for k in range(4):
+            s = 8 * h + 2 * k   # activations 0..15 of this group use scale s, 16..31 scale s + 1
+            splats.append(_shuffle(builder, scales, [s] * 4 + [s + 1] * 4))
+    parts = []
+    for xp, bp in zip(xps, bps):
+        acc = None
+        for g in range(8):   # group g covers activations 32g..32g+31
+            term = builder.mul(_dot4(builder, quads[g], _load(builder, xp, 32 * g, _V32I8)), splats[g])
+            acc = term if acc is None else builder.add(acc, term)
+        # the stored values are q + 32: subtract 32 * sum_i sc_i * sum(x_i)
+        bs = builder.load(builder.bitcast(bp, _V16I32.as_pointer()), align=4)
+        off = builder.mul(scales, bs)
+        off8 = builder.add(_shuffle(builder, off, range(8)), _shuffle(builder, off, range(8, 16)))
+        parts.append(builder.sub(acc, builder.shl(off8, _splat(_V8I32, 5))))
+    return parts
+
+
+_F32 = ir.FloatType()
+_V8F32 = ir.VectorType(_F32, 8)
+_FAST = ("reassoc", "contract", "nsz")
+
+
+def _f16_at(builder, base, offset: int, count: int):
+    """`count` consecutive float16 values at base + offset, as floats (vcvtph2ps)."""
+    vec = _load(builder, base, offset, ir.VectorType(ir.IntType(16), count))
+    return builder.fpext(builder.bitcast(vec, ir.VectorType(ir.HalfType(), count)), ir.VectorType(_F32, count))
+
+
+def _fsplat(builder, value):
+    vec = builder.insert_element(ir.Constant(_V8F32, None), value, ir.Constant(_I32, 0))
+    return _shuffle(builder, vec, [0] * 8)
+
+
+def _row_dot_codegen(block_bytes: int, tokens: int, block_fn):
+    """IR for W_row . x_t over a whole row of K-quant blocks, for `tokens` activation rows.
+
+    Arguments (row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride): activation row t starts
+    at xq[xo + t*xstride], its per-block scales at xd[do + t*dstride] and its 16-sums at
+    bs[bo + t*bstride]. Each block's integer sums become floats scaled by the weight and
+    activation scales and are added into 8-lane float accumulators, reduced once per row."""
+    def codegen(context, builder, signature, args):
+        (trow, txq, txo, txs, txd, tdo, tds, tbs, tbo, tbst) = signature.args
+        row_ary = context.make_array(trow)(context, builder, args[0])
+        nblocks = builder.udiv(cgutils.unpack_tuple(builder, row_ary.shape, 1)[0],
+                               ir.Constant(row_ary.shape.type.element, block_bytes))
+        intp = lambda v, t: context.cast(builder, v, t, types.intp)  # noqa: E731
+        xstride, dstride, bstride = intp(args[3], txs), intp(args[6], tds), intp(args[9], tbst)
+        x0 = _ptr(context, builder, txq, args[1], txo, args[2])
+        d0 = _ptr(context, builder, txd, args[4], tdo, args[5])
+        b0 = _ptr(context, builder, tbs, args[7], tbo, args[8])
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8)) for _ in range(tokens)]
+        with cgutils.for_range(builder, nblocks) as loop:
+            b = loop.index
+            blk = builder.gep(row_ary.data, [builder.mul(b, ir.Constant(b.type, block_bytes))])
+            xps = [builder.gep(x0, [builder.add(builder.mul(b, ir.Constant(b.type, 256)),
+                                                builder.mul(xstride, ir.Constant(_I64, t)))])
+                   for t in range(tokens)]
+            bps = [builder.gep(b0, [builder.add(builder.mul(b, ir.Constant(b.type, 16)),
+                                                builder.mul(bstride, ir.Constant(_I64, t)))])
+                   for t in range(tokens)]
+            xds = [builder.load(builder.gep(d0, [builder.add(b, builder.mul(dstride, ir.Constant(_I64, t)))]))
+                   for t in range(tokens)]
+            if tokens == 1:
+                for k in range(3):
+                    _prefetch(builder, blk, PREFETCH_AHEAD + 64 * k)
+            parts = block_fn(builder, blk, xps, bps)
+            if block_bytes == 144:    # Q4_K: d, dmin at bytes 0..3
+                dm = _f16_at(builder, blk, 0, 2)
+                d = builder.extract_element(dm, ir.Constant(_I32, 0))
+                dmin = builder.extract_element(dm, ir.Constant(_I32, 1))
+            else:                     # Q6_K: d at bytes 208..209
+                d = builder.extract_element(_f16_at(builder, blk, 208, 1), ir.Constant(_I32, 0))
+            for t in range(tokens):
+                acc = builder.load(accs[t])
+                if block_bytes == 144:
+                    isum, imin = parts[t]
+                    acc = builder.fadd(acc, builder.fmul(builder.sitofp(isum, _V8F32),
+                                                         _fsplat(builder, builder.fmul(d, xds[t])), flags=_FAST), flags=_FAST)
+                    acc = builder.fsub(acc, builder.fmul(builder.sitofp(imin, _V8F32),
+                                                         _fsplat(builder, builder.fmul(dmin, xds[t])), flags=_FAST), flags=_FAST)
+                else:
+                    acc = builder.fadd(acc, builder.fmul(builder.sitofp(parts[t], _V8F32),
+                                                         _fsplat(builder, builder.fmul(d, xds[t])), flags=_FAST), flags=_FAST)
+                builder.store(acc, accs[t])
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V8F32]),
+                                            "llvm.vector.reduce.fadd.v8f32")
+        sums = [builder.call(fn, [ir.Constant(_F32, 0.0), builder.load(a)], fastmath=_FAST) for a in accs]
+        if tokens == 1:
+            return sums[0]
+        return context.make_tuple(builder, signature.return_type, sums)
+    return codegen
+
+
+def _row_dot_intrinsic(block_bytes: int, tokens: int, block_fn, doc: str):
+    def typer(typingctx, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride):
+        ret = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
+        return (ret(row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride),
+                _row_dot_codegen(block_bytes, tokens, block_fn))
+    typer.__doc__ = doc
+    typer.__name__ = typer.__qualname__ = f"row_dot_{block_bytes}_{tokens}"
+    return intrinsic(typer)
+
+
+q4k_row_dot = _row_dot_intrinsic(144, 1, _q4k_block, "W_row . x for a row of Q4_K blocks and one activation row.")
+q4k_row_dot4 = _row_dot_intrinsic(144, 4, _q4k_block, "W_row . x_t for four activation rows t (a 4-tuple).")
+q6k_row_dot = _row_dot_intrinsic(210, 1, _q6k_block, "W_row . x for a row of Q6_K blocks and one activation row.")
+q6k_row_dot4 = _row_dot_intrinsic(210, 4, _q6k_block, "W_row . x_t for four activation rows t (a 4-tuple).")

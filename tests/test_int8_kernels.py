@@ -1,0 +1,85 @@
+"""The int8-activation matmul (decode fast path) against an exact integer reference.
+
+`Int8Activations.quantize` must reproduce ggml's quantize_row_q8_K bit for bit (an
+independent numpy version below), and `matmul_int8` must equal deq(W) @ deq(xq) computed
+in float64. The only rounding in matmul_int8 is float32 arithmetic on each block's exact
+integer sums: a few roundings per block and a float32 sum over cols/256 blocks and 8
+lanes, so |error| <= (cols/256 + 8) * 2^-23 * (|deq(W)| @ |deq(xq)|); we check 1e-5 of
+that sum, which holds for rows up to ~20,000 columns.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels.matmul import Int8Activations, dequantize, int8_ready, matmul_int8
+from kernels.quants import Q4_K, Q6_K, Q8_0
+from tests.conftest import model_file
+from tests.test_quant_kernels import random_weights
+
+
+def q8k_reference(x: np.ndarray):
+    """ggml's quantize_row_q8_K: per 256 values, iscale = -127 / (the value of largest |x|)."""
+    n, cols = x.shape
+    xq = np.zeros((n, cols), np.int8)
+    d = np.zeros((n, cols // 256), np.float32)
+    for t in range(n):
+        for b in range(cols // 256):
+            blk = x[t, b * 256:(b + 1) * 256]
+            i = int(np.argmax(np.abs(blk)))
+            if blk[i] == 0:
+                continue
+            iscale = np.float32(-127.0) / blk[i]
+            xq[t, b * 256:(b + 1) * 256] = np.minimum(127, np.rint(iscale * blk)).astype(np.int8)
+            d[t, b] = np.float32(1.0) / iscale
+    sums = xq.reshape(n, -1, 16).astype(np.int32).sum(axis=2)
+    return xq, d, sums
+
+
+def check(raw, qtype, x):
+    rows, cols = raw.shape[0], x.shape[1]
+    xq, d, sums = Int8Activations().quantize(x)
+    want_q, want_d, want_s = q8k_reference(x)
+    assert np.array_equal(xq, want_q) and np.array_equal(d, want_d) and np.array_equal(sums, want_s)
+    w = dequantize(raw, qtype, (rows, cols)).astype(np.float64)
+    xf = (xq.astype(np.float64).reshape(len(x), -1, 256) * d[:, :, None]).reshape(len(x), cols)
+    want, scale = xf @ w.T, np.abs(xf) @ np.abs(w).T
+    out = np.full((len(x), rows), np.nan, np.float32)
+    matmul_int8(raw, qtype, (xq, d, sums), out)
+    assert np.all(np.abs(out - want) <= 1e-5 * scale + 1e-30), np.max(np.abs(out - want) / (scale + 1e-30))
+
+
+@pytest.mark.parametrize("qtype", [Q4_K, Q6_K])
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 9])
+def test_int8_matmul_random(qtype, n):
+    rng = np.random.default_rng(qtype * 100 + n)
+    raw = random_weights(qtype, 37, 768, rng)
+    x = rng.standard_normal((n, 768)).astype(np.float32) * rng.choice([1e-3, 1.0, 300.0], (n, 1)).astype(np.float32)
+    x[0, 5] = 40.0 * np.abs(x[0]).max()           # an outlier, as in real activations
+    if n > 2:
+        x[2, 256:512] = 0.0                          # an all-zero block
+    check(raw, qtype, x)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["blk.3.ffn_up.weight", "blk.0.ffn_down.weight", "blk.3.attn_k.weight"])
+def test_int8_matmul_real_tensors(name):
+    from engine.gguf_reader import GGUFFile
+    f = GGUFFile(model_file("qwen2.5-coder-1.5b-q4_k_m"))
+    info = f.tensors[name]
+    raw = f.tensor_bytes(name)[:300]
+    rng = np.random.default_rng(7)
+    check(raw, info.ggml_type, rng.standard_normal((2, info.ne[0])).astype(np.float32))
+
+
+def test_int8_errors():
+    assert int8_ready(Q4_K, 512) and int8_ready(Q6_K, 256)
+    assert not int8_ready(Q8_0, 512)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        Int8Activations().quantize(np.zeros((1, 100), np.float32))
+    raw = random_weights(Q4_K, 4, 512, np.random.default_rng(0))
+    xq = Int8Activations().quantize(np.ones((1, 256), np.float32))
+    with pytest.raises(ValueError, match="columns"):
+        matmul_int8(raw, Q4_K, xq, np.zeros((1, 4), np.float32))
+    with pytest.raises(ValueError, match="no int8 matmul"):
+        matmul_int8(random_weights(Q8_0, 4, 512, np.random.default_rng(0)), Q8_0, xq, np.zeros((1, 4), np.float32))
