@@ -13,6 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels._simd import q4k_row_dot, q4k_row_dot4, q6k_row_dot, q6k_row_dot4
+from kernels.quants import Q4_K
 
 QK = 256                                    # activations per int8 block
 CHUNK = 16                                  # weight rows per parallel work item
@@ -49,33 +50,32 @@ def quantize_q8k(x, xq, xd, bs):
         _quantize_row(x[t], xq[t], xd[t], bs[t])
 
 
+@njit(cache=True, inline="always")
+def _row_dot(qtype, row, xq, xo, xs, xd, do, ds, bs, bo, bst):
+    if qtype == Q4_K:
+        return q4k_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+    return q6k_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+
+
+@njit(cache=True, inline="always")
+def _row_dot4(qtype, row, xq, xo, xs, xd, do, ds, bs, bo, bst):
+    if qtype == Q4_K:
+        return q4k_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+    return q6k_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+
+
 # Work items are CHUNK weight rows; inside one, activation rows go four at a time so each
 # weight block is unpacked once per four tokens while the chunk's rows stay in cache.
 @njit(cache=True, parallel=True)
-def mm_q4_k_q8(w, xq, xd, bs, out, lut):
-    """out[t, r] = W[r] . x[t] for Q4_K rows W and quantized activations (see quantize_q8k)."""
+def mm_q8(w, qtype, xq, xd, bs, out):
+    """out[t, r] = W[r] . x[t] for Q4_K or Q6_K rows W and quantized activations (see quantize_q8k)."""
     rows, n = w.shape[0], xq.shape[0]
     xs, ds, bst = xq.shape[1], xd.shape[1], bs.shape[1]
     for c in prange((rows + CHUNK - 1) // CHUNK):
         for t in range(0, n - 3, 4):
             for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
-                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = q4k_row_dot4(
-                    w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _row_dot4(
+                    qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
         for t in range(n - n % 4, n):
             for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
-                out[t, r] = q4k_row_dot(w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
-
-
-@njit(cache=True, parallel=True)
-def mm_q6_k_q8(w, xq, xd, bs, out, lut):
-    """out[t, r] = W[r] . x[t] for Q6_K rows W and quantized activations (see quantize_q8k)."""
-    rows, n = w.shape[0], xq.shape[0]
-    xs, ds, bst = xq.shape[1], xd.shape[1], bs.shape[1]
-    for c in prange((rows + CHUNK - 1) // CHUNK):
-        for t in range(0, n - 3, 4):
-            for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
-                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = q6k_row_dot4(
-                    w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
-        for t in range(n - n % 4, n):
-            for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
-                out[t, r] = q6k_row_dot(w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
+                out[t, r] = _row_dot(qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)

@@ -95,10 +95,32 @@ def _q4k_scales_mins(builder, blk):
     return widen(sc_lo, sc_hi), widen(mn_lo, mn_hi)
 
 
-def _q4k_block(builder, blk, xps, bps):
-    """Integer parts of one Q4_K block against each token's activations (byte pointer xps[t]
-    to its 256 int8 values, bps[t] to their 16 sums): [(sum_s sc_s*dot(q_s, x_s) as <8 x i32>
-    partial sums, min_s * sum(x_s) as <8 x i32>) per token], the weights unpacked once."""
+_F32 = ir.FloatType()
+_V8F32 = ir.VectorType(_F32, 8)
+_FAST = ("reassoc", "contract", "nsz")
+
+
+def _f16_at(builder, base, offset: int, count: int):
+    """`count` consecutive float16 values at base + offset, as floats (vcvtph2ps)."""
+    vec = _load(builder, base, offset, ir.VectorType(ir.IntType(16), count))
+    return builder.fpext(builder.bitcast(vec, ir.VectorType(ir.HalfType(), count)), ir.VectorType(_F32, count))
+
+
+def _fsplat(builder, value):
+    vec = builder.insert_element(ir.Constant(_V8F32, None), value, ir.Constant(_I32, 0))
+    return _shuffle(builder, vec, [0] * 8)
+
+
+def _scaled(builder, ivec, wscale, xscale):
+    """<8 x i32> integer sums as floats times the weight scale and the activation scale."""
+    return builder.fmul(builder.sitofp(ivec, _V8F32), _fsplat(builder, builder.fmul(wscale, xscale)), flags=_FAST)
+
+
+def _q4k_block(builder, blk, xps, bps, xds):
+    """One Q4_K block against each token's activations (byte pointer xps[t] to its 256 int8
+    values, bps[t] to their 16-element sums, xds[t] its float scale): per token, the block's
+    contribution as <8 x float> partial sums, d*xd*sum_s sc_s*dot(q_s, x_s) - dmin*xd*sum_s
+    min_s*sum(x_s), from exact integer sums. The weights are unpacked once for all tokens."""
     scales, mins = _q4k_scales_mins(builder, blk)
     low4, four = _splat(_V32I8, 15), _splat(_V32I8, 4)
     quads, splats = [], []
@@ -106,20 +128,24 @@ def _q4k_block(builder, blk, xps, bps):
         q = _load(builder, blk, 16 + 32 * j, _V32I8)
         quads += [builder.and_(q, low4), builder.lshr(q, four)]
         splats += [_shuffle(builder, scales, [2 * j] * 8), _shuffle(builder, scales, [2 * j + 1] * 8)]
+    dm = _f16_at(builder, blk, 0, 2)          # d, dmin
+    d, dmin = (builder.extract_element(dm, ir.Constant(_I32, i)) for i in (0, 1))
     parts = []
-    for xp, bp in zip(xps, bps):
+    for xp, bp, xd in zip(xps, bps, xds):
         acc = None
         for s in range(8):
             term = builder.mul(_dot4(builder, quads[s], _load(builder, xp, 32 * s, _V32I8)), splats[s])
             acc = term if acc is None else builder.add(acc, term)
         bs = builder.load(builder.bitcast(bp, _V16I32.as_pointer()), align=4)
         bs32 = builder.add(_shuffle(builder, bs, range(0, 16, 2)), _shuffle(builder, bs, range(1, 16, 2)))
-        parts.append((acc, builder.mul(bs32, mins)))
+        parts.append(builder.fsub(_scaled(builder, acc, d, xd), _scaled(builder, builder.mul(bs32, mins), dmin, xd),
+                                  flags=_FAST))
     return parts
 
 
-def _q6k_block(builder, blk, xps, bps):
-    """sum_i sc_i * dot(q_i - 32, x_i) of one Q6_K block per token, as <8 x i32> partial sums."""
+def _q6k_block(builder, blk, xps, bps, xds):
+    """One Q6_K block per token (arguments as _q4k_block): d*xd*sum_i sc_i*dot(q_i - 32, x_i)
+    as <8 x float> partial sums, from exact integer sums."""
     scales = builder.sext(_load(builder, blk, 192, _V16I8), _V16I32)
     low4, three, four = _splat(_V32I8, 15), _splat(_V32I8, 3), _splat(_V32I8, 4)
     quads, splats = [], []
@@ -138,8 +164,9 @@ def _q6k_block(builder, blk, xps, bps):
         for k in range(4):
             s = 8 * h + 2 * k   # activations 0..15 of this group use scale s, 16..31 scale s + 1
             splats.append(_shuffle(builder, scales, [s] * 4 + [s + 1] * 4))
+    d = builder.extract_element(_f16_at(builder, blk, 208, 1), ir.Constant(_I32, 0))
     parts = []
-    for xp, bp in zip(xps, bps):
+    for xp, bp, xd in zip(xps, bps, xds):
         acc = None
         for g in range(8):   # group g covers activations 32g..32g+31
             term = builder.mul(_dot4(builder, quads[g], _load(builder, xp, 32 * g, _V32I8)), splats[g])
@@ -148,24 +175,8 @@ def _q6k_block(builder, blk, xps, bps):
         bs = builder.load(builder.bitcast(bp, _V16I32.as_pointer()), align=4)
         off = builder.mul(scales, bs)
         off8 = builder.add(_shuffle(builder, off, range(8)), _shuffle(builder, off, range(8, 16)))
-        parts.append(builder.sub(acc, builder.shl(off8, _splat(_V8I32, 5))))
+        parts.append(_scaled(builder, builder.sub(acc, builder.shl(off8, _splat(_V8I32, 5))), d, xd))
     return parts
-
-
-_F32 = ir.FloatType()
-_V8F32 = ir.VectorType(_F32, 8)
-_FAST = ("reassoc", "contract", "nsz")
-
-
-def _f16_at(builder, base, offset: int, count: int):
-    """`count` consecutive float16 values at base + offset, as floats (vcvtph2ps)."""
-    vec = _load(builder, base, offset, ir.VectorType(ir.IntType(16), count))
-    return builder.fpext(builder.bitcast(vec, ir.VectorType(ir.HalfType(), count)), ir.VectorType(_F32, count))
-
-
-def _fsplat(builder, value):
-    vec = builder.insert_element(ir.Constant(_V8F32, None), value, ir.Constant(_I32, 0))
-    return _shuffle(builder, vec, [0] * 8)
 
 
 def _row_dot_codegen(block_bytes: int, tokens: int, block_fn):
@@ -173,8 +184,8 @@ def _row_dot_codegen(block_bytes: int, tokens: int, block_fn):
 
     Arguments (row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride): activation row t starts
     at xq[xo + t*xstride], its per-block scales at xd[do + t*dstride] and its 16-sums at
-    bs[bo + t*bstride]. Each block's integer sums become floats scaled by the weight and
-    activation scales and are added into 8-lane float accumulators, reduced once per row."""
+    bs[bo + t*bstride]. block_fn turns each block into scaled 8-lane float partial sums, which
+    are added into one accumulator per token and reduced once per row."""
     def codegen(context, builder, signature, args):
         (trow, txq, txo, txs, txd, tdo, tds, tbs, tbo, tbst) = signature.args
         row_ary = context.make_array(trow)(context, builder, args[0])
@@ -188,37 +199,19 @@ def _row_dot_codegen(block_bytes: int, tokens: int, block_fn):
         accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8)) for _ in range(tokens)]
         with cgutils.for_range(builder, nblocks) as loop:
             b = loop.index
+
+            def at(base, step, stride, t):   # element b*step + t*stride of an activation array
+                return builder.gep(base, [builder.add(builder.mul(b, ir.Constant(b.type, step)),
+                                                      builder.mul(stride, ir.Constant(_I64, t)))])
             blk = builder.gep(row_ary.data, [builder.mul(b, ir.Constant(b.type, block_bytes))])
-            xps = [builder.gep(x0, [builder.add(builder.mul(b, ir.Constant(b.type, 256)),
-                                                builder.mul(xstride, ir.Constant(_I64, t)))])
-                   for t in range(tokens)]
-            bps = [builder.gep(b0, [builder.add(builder.mul(b, ir.Constant(b.type, 16)),
-                                                builder.mul(bstride, ir.Constant(_I64, t)))])
-                   for t in range(tokens)]
-            xds = [builder.load(builder.gep(d0, [builder.add(b, builder.mul(dstride, ir.Constant(_I64, t)))]))
-                   for t in range(tokens)]
             if tokens == 1:
                 for k in range(3):
                     _prefetch(builder, blk, PREFETCH_AHEAD + 64 * k)
-            parts = block_fn(builder, blk, xps, bps)
-            if block_bytes == 144:    # Q4_K: d, dmin at bytes 0..3
-                dm = _f16_at(builder, blk, 0, 2)
-                d = builder.extract_element(dm, ir.Constant(_I32, 0))
-                dmin = builder.extract_element(dm, ir.Constant(_I32, 1))
-            else:                     # Q6_K: d at bytes 208..209
-                d = builder.extract_element(_f16_at(builder, blk, 208, 1), ir.Constant(_I32, 0))
-            for t in range(tokens):
-                acc = builder.load(accs[t])
-                if block_bytes == 144:
-                    isum, imin = parts[t]
-                    acc = builder.fadd(acc, builder.fmul(builder.sitofp(isum, _V8F32),
-                                                         _fsplat(builder, builder.fmul(d, xds[t])), flags=_FAST), flags=_FAST)
-                    acc = builder.fsub(acc, builder.fmul(builder.sitofp(imin, _V8F32),
-                                                         _fsplat(builder, builder.fmul(dmin, xds[t])), flags=_FAST), flags=_FAST)
-                else:
-                    acc = builder.fadd(acc, builder.fmul(builder.sitofp(parts[t], _V8F32),
-                                                         _fsplat(builder, builder.fmul(d, xds[t])), flags=_FAST), flags=_FAST)
-                builder.store(acc, accs[t])
+            parts = block_fn(builder, blk, [at(x0, 256, xstride, t) for t in range(tokens)],
+                             [at(b0, 16, bstride, t) for t in range(tokens)],
+                             [builder.load(at(d0, 1, dstride, t)) for t in range(tokens)])
+            for acc, part in zip(accs, parts):
+                builder.store(builder.fadd(builder.load(acc), part, flags=_FAST), acc)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V8F32]),
                                             "llvm.vector.reduce.fadd.v8f32")
         sums = [builder.call(fn, [ir.Constant(_F32, 0.0), builder.load(a)], fastmath=_FAST) for a in accs]

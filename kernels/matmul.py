@@ -16,7 +16,7 @@ dot product is an exact integer (kernels/_q8.py); the only error is the int8
 rounding of the activations, the approximation llama.cpp makes.
 
 Numba's cache keys each kernel on its own source file only: after editing
-kernels/_dequant.py or kernels/f16.py, delete kernels/__pycache__/*.nb[ic] or
+kernels/_dequant.py, kernels/f16.py or kernels/_simd.py, delete kernels/__pycache__/*.nb[ic] or
 the kernels that inline them keep running the old code.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from engine import failpoints
 from kernels._dequant import dequantize_rows
 from kernels._gemm import gemm
-from kernels._q8 import QK, mm_q4_k_q8, mm_q6_k_q8, quantize_q8k
+from kernels._q8 import QK, mm_q8, quantize_q8k
 from kernels._matvec import mv_float, mv_q4_1, mv_q4_k, mv_q5_0, mv_q6_k, mv_q8_0
 from kernels.f16 import F16_TO_F32
 from kernels.quants import F16, F32, GGML_TYPES, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, type_name
@@ -34,7 +34,7 @@ from kernels.quants import F16, F32, GGML_TYPES, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, t
 SUPPORTED = (F32, F16, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)
 _MATVEC = {Q4_K: mv_q4_k, Q6_K: mv_q6_k, Q4_1: mv_q4_1, Q5_0: mv_q5_0, Q8_0: mv_q8_0}
 _FLOAT_DTYPES = {F32: np.float32, F16: np.float16}
-_INT8_MATMUL = {Q4_K: mm_q4_k_q8, Q6_K: mm_q6_k_q8}
+_INT8_TYPES = (Q4_K, Q6_K)
 
 
 def _weight_bytes(w, qtype: int) -> tuple[np.ndarray, int]:
@@ -95,7 +95,7 @@ def matmul(w, qtype: int, x: np.ndarray, out: np.ndarray) -> None:
 
 def int8_ready(qtype: int, cols: int) -> bool:
     """Whether `matmul_int8` handles weights of this type and width."""
-    return qtype in _INT8_MATMUL and cols % QK == 0
+    return qtype in _INT8_TYPES and cols % QK == 0
 
 
 class Int8Activations:
@@ -136,7 +136,7 @@ def matmul_int8(w, qtype: int, xq: tuple[np.ndarray, np.ndarray, np.ndarray], ou
     if q.shape[1] != cols:
         raise ValueError(f"x has {q.shape[1]} columns but the {type_name(qtype)} weights have {cols}")
     out = _float_out(out, (q.shape[0], w.shape[0]))
-    _INT8_MATMUL[qtype](w, q, d, sums, out, F16_TO_F32)
+    mm_q8(w, qtype, q, d, sums, out)
     if failpoints.active("quant.matmul_scale"):
         out *= np.float32(1.01)
 
