@@ -5,55 +5,68 @@ from numba import njit, prange
 
 @njit(cache=True)
 def store_kv(k, v, k_cache, v_cache, pos0, n_kv_heads, head_dim):
-    """Copy k, v [n, n_kv_heads*head_dim] into cache [n_kv_heads, ctx, head_dim] at pos0.."""
+    """Copy k, v [n, n_kv_heads*head_dim] into the caches at positions pos0..pos0+n-1.
+
+    k_cache is [n_kv_heads, head_dim, ctx] (keys transposed, so the scores of many
+    positions are computed side by side); v_cache is [n_kv_heads, ctx, head_dim]."""
     n = k.shape[0]
     for t in range(n):
         for h in range(n_kv_heads):
             for i in range(head_dim):
-                k_cache[h, pos0 + t, i] = k[t, h * head_dim + i]
+                k_cache[h, i, pos0 + t] = k[t, h * head_dim + i]
                 v_cache[h, pos0 + t, i] = v[t, h * head_dim + i]
 
 
-@njit(cache=True, parallel=True)
+# Every loop below vectorizes across positions (q.k) or across head_dim (p.v) while each
+# sum still runs in sequential order, so "contract" (fused multiply-add) is the only
+# fast-math licence needed and results match a plain float32 loop to rounding.
+@njit(cache=True, parallel=True, fastmath={"contract"})
 def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
               scores, probs, out):
     """Softmax(q K^T * scale) V for queries at positions pos0..pos0+n-1.
 
-    q: [n, n_heads*head_dim]; caches [n_kv_heads, ctx, head_dim] already holding
+    q: [n, n_heads*head_dim]; caches as written by store_kv, already holding
     positions 0..pos0+n-1. scores/probs: [n_heads, n, pos0+n], masked (future)
     entries written as 0. out: [n, n_heads*head_dim].
+
+    One work item is one (KV head, query) pair and serves all the query heads that
+    share that KV head, so a decode step splits evenly over the KV heads.
     """
     n = q.shape[0]
-    n_keys = pos0 + n
     group = n_heads // n_kv_heads
-    for job in prange(n_heads * n):
-        h = job // n
+    scale32 = np.float32(scale)
+    for job in prange(n_kv_heads * n):
+        kvh = job // n
         t = job % n
-        kvh = h // group
-        qo = h * head_dim
-        last = pos0 + t  # causal: keys 0..last
-        mx = -np.inf
-        for j in range(last + 1):
-            acc = np.float32(0.0)
+        keys = pos0 + t + 1  # causal: positions 0..pos0+t
+        k_t, values = k_cache[kvh], v_cache[kvh]
+        for h in range(kvh * group, kvh * group + group):
+            qh = q[t, h * head_dim:(h + 1) * head_dim]
+            srow, prow = scores[h, t], probs[h, t]
+            s = srow[:keys]
+            s[:] = 0.0
             for i in range(head_dim):
-                acc += q[t, qo + i] * k_cache[kvh, j, i]
-            sc = acc * np.float32(scale)
-            scores[h, t, j] = sc
-            if sc > mx:
-                mx = sc
-        total = np.float32(0.0)
-        for j in range(last + 1):
-            e = np.float32(np.exp(scores[h, t, j] - mx))
-            probs[h, t, j] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for j in range(last + 1, n_keys):
-            scores[h, t, j] = 0.0
-            probs[h, t, j] = 0.0
-        for i in range(head_dim):
-            out[t, qo + i] = 0.0
-        for j in range(last + 1):
-            p = probs[h, t, j] * inv
-            probs[h, t, j] = p
-            for i in range(head_dim):
-                out[t, qo + i] += p * v_cache[kvh, j, i]
+                qi = qh[i]
+                kr = k_t[i, :keys]
+                for j in range(keys):
+                    s[j] += qi * kr[j]
+            mx = np.float32(-np.inf)
+            for j in range(keys):
+                s[j] *= scale32
+                mx = max(mx, s[j])
+            total = np.float32(0.0)
+            for j in range(keys):
+                e = np.float32(np.exp(s[j] - mx))
+                prow[j] = e
+                total += e
+            inv = np.float32(1.0) / total
+            srow[keys:] = 0.0
+            prow[keys:] = 0.0
+            oh = out[t, h * head_dim:(h + 1) * head_dim]
+            oh[:] = 0.0
+            for j in range(keys):
+                p = prow[j] * inv
+                prow[j] = p
+                vr = values[j]
+                for i in range(head_dim):
+                    oh[i] += p * vr[i]

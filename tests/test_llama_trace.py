@@ -174,8 +174,8 @@ def test_smollm2_attention_gap_is_llamas_input_drift(tmp_path):
     _, got = load(tmp_path)
     n, f16 = len(ids), (lambda a: np.ascontiguousarray(a, np.float32).astype(np.float16).astype(np.float32))
     v = got["qkv_matmul", 3][:, cfg.q_dim + cfg.kv_dim:]
-    kc = np.zeros((cfg.n_kv_heads, n, cfg.head_dim), np.float32)
-    vc = np.zeros_like(kc)
+    kc = np.zeros((cfg.n_kv_heads, cfg.head_dim, n), np.float32)
+    vc = np.zeros((cfg.n_kv_heads, n, cfg.head_dim), np.float32)
     store_kv(f16(got["k_post_rope", 3]), f16(v), kc, vc, 0, cfg.n_kv_heads, cfg.head_dim)
     scores = np.empty((cfg.n_heads, n, n), np.float32)
     probs, att = np.empty_like(scores), np.empty((n, cfg.q_dim), np.float32)

@@ -260,8 +260,8 @@ def test_our_kernels_on_llamacpp_inputs_reproduce_its_outputs(key):
         # llama.cpp keeps K and V in an f16 cache and rounds Q to f16 for the K.Q products;
         # feeding our float32 kernel the same f16-rounded values isolates the kernel itself
         f16 = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731
-        kc = np.zeros((cfg.n_kv_heads, n, cfg.head_dim), np.float32)
-        vc = np.zeros_like(kc)
+        kc = np.zeros((cfg.n_kv_heads, cfg.head_dim, n), np.float32)
+        vc = np.zeros((cfg.n_kv_heads, n, cfg.head_dim), np.float32)
         store_kv(f16(ld(f"Kcur-{L}.rope")), f16(v), kc, vc, 0, cfg.n_kv_heads, cfg.head_dim)
         scores = np.empty((cfg.n_heads, n, n), np.float32)
         probs, att = np.empty_like(scores), np.empty((n, qd), np.float32)
