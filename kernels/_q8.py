@@ -45,7 +45,7 @@ def _quantize_row(x, xq, xd, bs):
 @njit(cache=True)
 def quantize_q8k(x, xq, xd, bs):
     """Quantize rows x[n, cols] (cols % 256 == 0) into xq int8 [n, cols], scales xd float32
-    [n, cols/256] and 16-element sums bs int32 [n, cols/16]."""
+    [n, cols/256] and 16-element sums bs int16 [n, cols/16]."""
     for t in range(x.shape[0]):
         _quantize_row(x[t], xq[t], xd[t], bs[t])
 
@@ -64,18 +64,36 @@ def _row_dot4(qtype, row, xq, xo, xs, xd, do, ds, bs, bo, bst):
     return q6k_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
 
 
-# Work items are CHUNK weight rows; inside one, activation rows go four at a time so each
-# weight block is unpacked once per four tokens while the chunk's rows stay in cache.
+@njit(cache=True, inline="always")
+def _locate(ws, job):
+    """(matrix, chunk within it) of work item `job`, counting the matrices' chunks in order."""
+    i, first = 0, 0
+    while job >= first + (ws[i].shape[0] + CHUNK - 1) // CHUNK:
+        first += (ws[i].shape[0] + CHUNK - 1) // CHUNK
+        i += 1
+    return i, job - first
+
+
+# Work items are CHUNK weight rows of one of the matrices; inside one, activation rows go four at
+# a time so each weight block is unpacked once per four tokens while the chunk's rows stay in cache.
+# Several matrices that share an input (q/k/v, gate/up) run in one parallel launch.
 @njit(cache=True, parallel=True)
-def mm_q8(w, qtype, xq, xd, bs, out):
-    """out[t, r] = W[r] . x[t] for Q4_K or Q6_K rows W and quantized activations (see quantize_q8k)."""
-    rows, n = w.shape[0], xq.shape[0]
+def mm_q8(ws, qtypes, xq, xd, bs, outs):
+    """outs[i][t, r] = ws[i][r] . x[t] for each matrix i (a tuple of Q4_K/Q6_K row arrays, their
+    types and outputs) and activations quantized by quantize_q8k."""
+    n = xq.shape[0]
     xs, ds, bst = xq.shape[1], xd.shape[1], bs.shape[1]
-    for c in prange((rows + CHUNK - 1) // CHUNK):
+    total = 0
+    for i in range(len(ws)):
+        total += (ws[i].shape[0] + CHUNK - 1) // CHUNK
+    for job in prange(total):
+        i, c = _locate(ws, job)
+        w, qtype, out = ws[i], qtypes[i], outs[i]
+        r0, r1 = c * CHUNK, min(w.shape[0], c * CHUNK + CHUNK)
         for t in range(0, n - 3, 4):
-            for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
+            for r in range(r0, r1):
                 out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _row_dot4(
                     qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
         for t in range(n - n % 4, n):
-            for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
+            for r in range(r0, r1):
                 out[t, r] = _row_dot(qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)

@@ -1,14 +1,16 @@
 """Integer block dot products written as LLVM IR (Numba intrinsics).
 
-LLVM does not turn Numba loops into `vpdpbusd` (u8 x s8, four products per
-32-bit lane), the instruction llama.cpp's K-quant dot products are built on, and
-the nibble loops it does vectorize stay in 32-bit lanes (see PERF-NOTES.md).
-These intrinsics build one weight block's dot product against int8 activations
-directly from 256-bit vector operations, so each `vpdpbusd` does 32 multiply-adds.
+LLVM does not turn Numba loops into the byte multiply-adds llama.cpp's K-quant dot
+products are built on, and the nibble loops it does vectorize stay in 32-bit lanes
+(see PERF-NOTES.md). These intrinsics build one weight block's dot product against
+int8 activations from 256-bit vector operations, the way ggml does: `vpmaddubsw`
+multiplies unsigned weight codes by signed activations in pairs (16-bit sums), and a
+multiply-add with the sub-block's scale (`vpdpwssd` with AVX512-VNNI, else `vpmaddwd`
++ add) folds the scale and the accumulation into one instruction.
 
-On a CPU without AVX512-VNNI the same IR is emitted with the four-product step
-spelled as widen, multiply and add, which LLVM maps to whatever the target has;
-Numba's cache is keyed on the CPU, so a cached VNNI build is never run elsewhere.
+Without AVX2 the same IR is emitted as widen, multiply and add, which LLVM maps to
+whatever the target has; Numba's cache is keyed on the CPU, so a cached AVX-512 build
+is never run elsewhere.
 
 Every result is an exact integer: callers turn it into floats with the block's
 scales, so the only rounding is that of the int8 activations themselves.
@@ -21,11 +23,14 @@ from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-HAS_VNNI = bool(llvm_binding.get_host_cpu_features().get("avx512vnni", False))
+_FEATURES = llvm_binding.get_host_cpu_features()
+HAS_AVX2 = bool(_FEATURES.get("avx2", False))
+HAS_VNNI = bool(_FEATURES.get("avx512vnni", False) and _FEATURES.get("avx512vl", False))
 
-_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-_V32I8, _V8I32, _V16I32 = ir.VectorType(_I8, 32), ir.VectorType(_I32, 8), ir.VectorType(_I32, 16)
-_V16I8, _V8I8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 8)
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_V32I8, _V16I8, _V8I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16), ir.VectorType(_I8, 8)
+_V16I16, _V8I16 = ir.VectorType(_I16, 16), ir.VectorType(_I16, 8)
+_V8I32, _V32I16 = ir.VectorType(_I32, 8), ir.VectorType(_I16, 32)
 
 
 def _splat(ty: ir.VectorType, value: int) -> ir.Constant:
@@ -37,22 +42,41 @@ def _shuffle(builder, vec, idx):
     return builder.shuffle_vector(vec, ir.Constant(vec.type, None), mask)
 
 
-def _dot4(builder, u8: ir.Value, s8: ir.Value) -> ir.Value:
-    """<8 x i32>: lane i = sum_k u8[4i+k] * s8[4i+k] (u8 unsigned, s8 signed; both <32 x i8>)."""
-    if HAS_VNNI:
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3),
-                                            "llvm.x86.avx512.vpdpbusd.256")
-        return builder.call(fn, [ir.Constant(_V8I32, None), builder.bitcast(u8, _V8I32),
-                                 builder.bitcast(s8, _V8I32)])
-    v32i32 = ir.VectorType(_I32, 32)
-    prod = builder.mul(builder.zext(u8, v32i32), builder.sext(s8, v32i32))
-    total = _shuffle(builder, prod, range(0, 32, 4))
-    for k in (1, 2, 3):
-        total = builder.add(total, _shuffle(builder, prod, range(k, 32, 4)))
-    return total
+def _pairs_sum(builder, wide):
+    """Lane i = wide[2i] + wide[2i+1]."""
+    n = wide.type.count
+    return builder.add(_shuffle(builder, wide, range(0, n, 2)), _shuffle(builder, wide, range(1, n, 2)))
 
 
-PREFETCH_AHEAD = 1536   # bytes: weight rows stream from DRAM; fetch this far ahead of the block in use
+def _intrinsic(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _maddubs(builder, u8: ir.Value, s8: ir.Value) -> ir.Value:
+    """<16 x i16>: lane i = u8[2i]*s8[2i] + u8[2i+1]*s8[2i+1] (vpmaddubsw; the callers' operands
+    are small enough that its i16 saturation never applies)."""
+    if HAS_AVX2:
+        return _intrinsic(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [u8, s8])
+    return _pairs_sum(builder, builder.mul(builder.zext(u8, _V32I16), builder.sext(s8, _V32I16)))
+
+
+def _madd(builder, acc, a16: ir.Value, b16: ir.Value) -> ir.Value:
+    """<8 x i32>: acc + (lane i = a16[2i]*b16[2i] + a16[2i+1]*b16[2i+1]); acc may be None.
+
+    With AVX512-VNNI the accumulate is part of the instruction (vpdpwssd), else vpmaddwd + add."""
+    if HAS_VNNI and acc is not None:
+        return _intrinsic(builder, "llvm.x86.avx512.vpdpwssd.256", _V8I32,
+                          [acc, builder.bitcast(a16, _V8I32), builder.bitcast(b16, _V8I32)])
+    if HAS_AVX2:
+        prod = _intrinsic(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [a16, b16])
+    else:
+        v16i32 = ir.VectorType(_I32, 16)
+        prod = _pairs_sum(builder, builder.mul(builder.sext(a16, v16i32), builder.sext(b16, v16i32)))
+    return prod if acc is None else builder.add(acc, prod)
+
+
+PREFETCH_AHEAD = 3072   # bytes: weight rows stream from DRAM; fetch this far ahead of the block in use
 
 
 def _prefetch(builder, base, offset: int) -> None:
@@ -76,7 +100,7 @@ def _ptr(context, builder, arrty, arr, idxty, idx):
 
 
 def _q4k_scales_mins(builder, blk):
-    """The 8 six-bit scales and 8 mins of a Q4_K block (bytes 4..15) as two <8 x i32>.
+    """The 8 six-bit scales and 8 mins of a Q4_K block (bytes 4..15) as two <8 x i16>.
 
     The 12 packed bytes are read as three little-endian words and rearranged so the
     scales fill two words and the mins two more (the same bit moves as ggml)."""
@@ -91,7 +115,7 @@ def _q4k_scales_mins(builder, blk):
     def widen(lo, hi):
         pair = builder.insert_element(ir.Constant(ir.VectorType(_I32, 2), None), lo, ir.Constant(_I32, 0))
         pair = builder.insert_element(pair, hi, ir.Constant(_I32, 1))
-        return builder.zext(builder.bitcast(pair, _V8I8), _V8I32)
+        return builder.zext(builder.bitcast(pair, _V8I8), _V8I16)
     return widen(sc_lo, sc_hi), widen(mn_lo, mn_hi)
 
 
@@ -116,37 +140,43 @@ def _scaled(builder, ivec, wscale, xscale):
     return builder.fmul(builder.sitofp(ivec, _V8F32), _fsplat(builder, builder.fmul(wscale, xscale)), flags=_FAST)
 
 
+def _sums16(builder, bp):
+    """The 16 block sums (int16) of one token's 256 activations."""
+    return builder.load(builder.bitcast(bp, _V16I16.as_pointer()), align=2)
+
+
 def _q4k_block(builder, blk, xps, bps, xds):
     """One Q4_K block against each token's activations (byte pointer xps[t] to its 256 int8
     values, bps[t] to their 16-element sums, xds[t] its float scale): per token, the block's
     contribution as <8 x float> partial sums, d*xd*sum_s sc_s*dot(q_s, x_s) - dmin*xd*sum_s
-    min_s*sum(x_s), from exact integer sums. The weights are unpacked once for all tokens."""
+    min_s*sum(x_s), from exact integer sums. The weights are unpacked once for all tokens.
+
+    As in ggml: vpmaddubsw multiplies nibbles by activations in pairs, and a multiply-add
+    with the sub-block's scale (vpdpwssd) folds in the scale and the accumulation."""
     scales, mins = _q4k_scales_mins(builder, blk)
+    mins_paired = _shuffle(builder, mins, [i // 2 for i in range(16)])   # min_s for both 16-sums of s
     low4, four = _splat(_V32I8, 15), _splat(_V32I8, 4)
     quads, splats = [], []
     for j in range(4):
         q = _load(builder, blk, 16 + 32 * j, _V32I8)
         quads += [builder.and_(q, low4), builder.lshr(q, four)]
-        splats += [_shuffle(builder, scales, [2 * j] * 8), _shuffle(builder, scales, [2 * j + 1] * 8)]
+        splats += [_shuffle(builder, scales, [2 * j] * 16), _shuffle(builder, scales, [2 * j + 1] * 16)]
     dm = _f16_at(builder, blk, 0, 2)          # d, dmin
     d, dmin = (builder.extract_element(dm, ir.Constant(_I32, i)) for i in (0, 1))
     parts = []
     for xp, bp, xd in zip(xps, bps, xds):
         acc = None
         for s in range(8):
-            term = builder.mul(_dot4(builder, quads[s], _load(builder, xp, 32 * s, _V32I8)), splats[s])
-            acc = term if acc is None else builder.add(acc, term)
-        bs = builder.load(builder.bitcast(bp, _V16I32.as_pointer()), align=4)
-        bs32 = builder.add(_shuffle(builder, bs, range(0, 16, 2)), _shuffle(builder, bs, range(1, 16, 2)))
-        parts.append(builder.fsub(_scaled(builder, acc, d, xd), _scaled(builder, builder.mul(bs32, mins), dmin, xd),
-                                  flags=_FAST))
+            acc = _madd(builder, acc, _maddubs(builder, quads[s], _load(builder, xp, 32 * s, _V32I8)), splats[s])
+        mins_part = _madd(builder, None, _sums16(builder, bp), mins_paired)
+        parts.append(builder.fsub(_scaled(builder, acc, d, xd), _scaled(builder, mins_part, dmin, xd), flags=_FAST))
     return parts
 
 
 def _q6k_block(builder, blk, xps, bps, xds):
     """One Q6_K block per token (arguments as _q4k_block): d*xd*sum_i sc_i*dot(q_i - 32, x_i)
     as <8 x float> partial sums, from exact integer sums."""
-    scales = builder.sext(_load(builder, blk, 192, _V16I8), _V16I32)
+    scales = builder.sext(_load(builder, blk, 192, _V16I8), _V16I16)
     low4, three, four = _splat(_V32I8, 15), _splat(_V32I8, 3), _splat(_V32I8, 4)
     quads, splats = [], []
     for h in range(2):
@@ -163,19 +193,16 @@ def _q6k_block(builder, blk, xps, bps, xds):
                   builder.or_(builder.lshr(ql1, four), high(6))]
         for k in range(4):
             s = 8 * h + 2 * k   # activations 0..15 of this group use scale s, 16..31 scale s + 1
-            splats.append(_shuffle(builder, scales, [s] * 4 + [s + 1] * 4))
+            splats.append(_shuffle(builder, scales, [s] * 8 + [s + 1] * 8))
     d = builder.extract_element(_f16_at(builder, blk, 208, 1), ir.Constant(_I32, 0))
     parts = []
     for xp, bp, xd in zip(xps, bps, xds):
         acc = None
         for g in range(8):   # group g covers activations 32g..32g+31
-            term = builder.mul(_dot4(builder, quads[g], _load(builder, xp, 32 * g, _V32I8)), splats[g])
-            acc = term if acc is None else builder.add(acc, term)
+            acc = _madd(builder, acc, _maddubs(builder, quads[g], _load(builder, xp, 32 * g, _V32I8)), splats[g])
         # the stored values are q + 32: subtract 32 * sum_i sc_i * sum(x_i)
-        bs = builder.load(builder.bitcast(bp, _V16I32.as_pointer()), align=4)
-        off = builder.mul(scales, bs)
-        off8 = builder.add(_shuffle(builder, off, range(8)), _shuffle(builder, off, range(8, 16)))
-        parts.append(_scaled(builder, builder.sub(acc, builder.shl(off8, _splat(_V8I32, 5))), d, xd))
+        off = _madd(builder, None, _sums16(builder, bp), scales)
+        parts.append(_scaled(builder, builder.sub(acc, builder.shl(off, _splat(_V8I32, 5))), d, xd))
     return parts
 
 

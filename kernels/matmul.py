@@ -16,8 +16,8 @@ dot product is an exact integer (kernels/_q8.py); the only error is the int8
 rounding of the activations, the approximation llama.cpp makes.
 
 Numba's cache keys each kernel on its own source file only: after editing
-kernels/_dequant.py, kernels/f16.py or kernels/_simd.py, delete kernels/__pycache__/*.nb[ic] or
-the kernels that inline them keep running the old code.
+kernels/_dequant.py, kernels/f16.py, kernels/_simd.py or kernels/_expf.py, delete
+kernels/__pycache__/*.nb[ic] or the kernels that inline them keep running the old code.
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class Int8Activations:
         self._buffers: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(xq int8 [n, cols], scales float32 [n, cols/256], sums int32 [n, cols/16]) of x [n, cols]."""
+        """(xq int8 [n, cols], scales float32 [n, cols/256], sums int16 [n, cols/16]) of x [n, cols]."""
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2):
             raise ValueError("x must be a float32 array [n, cols]")
         n, cols = x.shape
@@ -118,27 +118,69 @@ class Int8Activations:
         bufs = self._buffers.get((n, cols))
         if bufs is None:
             bufs = (np.empty((n, cols), np.int8), np.empty((n, cols // QK), np.float32),
-                    np.empty((n, cols // 16), np.int32))
+                    np.empty((n, cols // 16), np.int16))
             self._buffers[n, cols] = bufs
         quantize_q8k(x if x.flags.c_contiguous else np.ascontiguousarray(x), *bufs)
         return bufs
 
+
+class Int8Group:
+    """Q4_K/Q6_K weights that share one input (q/k/v, gate/up), checked once, so each
+    `matmul_int8_group` is one parallel launch with no per-call validation of the weights."""
+
+    def __init__(self, mats):
+        """mats: [(w, qtype), ...] with equal column counts."""
+        ws, cols = [], set()
+        for w, qtype in mats:
+            w, c = _weight_bytes(w, qtype)
+            if not int8_ready(qtype, c):
+                raise ValueError(f"no int8 matmul for {type_name(qtype)} weights with {c} columns")
+            ws.append(w)
+            cols.add(c)
+        if len(cols) != 1:
+            raise ValueError(f"weights in one int8 group must have equal column counts, got {sorted(cols)}")
+        self.ws = tuple(ws)
+        self.qtypes = tuple(qtype for _, qtype in mats)
+        self.cols = cols.pop()
+
+    @staticmethod
+    def ready(mats) -> bool:
+        """Whether every (w, qtype, cols) of mats can join an Int8Group."""
+        return all(int8_ready(qtype, cols) for _, qtype, cols in mats)
+
+
+def matmul_int8_group(group: Int8Group, xq: tuple[np.ndarray, np.ndarray, np.ndarray], outs) -> None:
+    """outs[i][n, rows_i] = x @ W_i.T for each weight of the group and x quantized by
+    `Int8Activations.quantize`."""
+    q, d, sums = xq
+    if q.shape[1] != group.cols:
+        raise ValueError(f"x has {q.shape[1]} columns but the weights have {group.cols}")
+    if len(outs) != len(group.ws):
+        raise ValueError(f"{len(group.ws)} weights but {len(outs)} outputs")
+    for w, out in zip(group.ws, outs):
+        if (out.shape != (q.shape[0], w.shape[0]) or out.dtype != np.float32 or out.strides[1] != 4
+                or not out.flags.writeable):
+            _float_out(out, (q.shape[0], w.shape[0]))   # raises with the details
+    if len({o.flags.c_contiguous for o in outs}) > 1:   # one launch needs one output array type
+        for w, qtype, out in zip(group.ws, group.qtypes, outs):
+            mm_q8((w,), (qtype,), q, d, sums, (out,))
+    else:
+        mm_q8(group.ws, group.qtypes, q, d, sums, tuple(outs))
+    if failpoints.active("quant.matmul_scale"):
+        for out in outs:
+            out *= np.float32(1.01)
 
 def matmul_int8(w, qtype: int, xq: tuple[np.ndarray, np.ndarray, np.ndarray], out: np.ndarray) -> None:
     """out[n, rows] = x @ W.T for Q4_K/Q6_K weights and x quantized by `Int8Activations.quantize`.
 
     Each block's dot product is exact in integers; the result differs from `matmul`
     only by the int8 rounding of x (at most half a step, max|x_block|/254, per element)."""
-    w, cols = _weight_bytes(w, qtype)
-    if not int8_ready(qtype, cols):
-        raise ValueError(f"no int8 matmul for {type_name(qtype)} weights with {cols} columns")
-    q, d, sums = xq
-    if q.shape[1] != cols:
-        raise ValueError(f"x has {q.shape[1]} columns but the {type_name(qtype)} weights have {cols}")
-    out = _float_out(out, (q.shape[0], w.shape[0]))
-    mm_q8(w, qtype, q, d, sums, out)
-    if failpoints.active("quant.matmul_scale"):
-        out *= np.float32(1.01)
+    matmul_int8_many([(w, qtype, out)], xq)
+
+
+def matmul_int8_many(mats, xq: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """`matmul_int8` for several (w, qtype, out) that share the input x, in one parallel launch."""
+    matmul_int8_group(Int8Group([(w, qtype) for w, qtype, _ in mats]), xq, [out for _, _, out in mats])
 
 
 def get_rows(w, qtype: int, ids: np.ndarray, out: np.ndarray) -> None:

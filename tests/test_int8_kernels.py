@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.matmul import Int8Activations, dequantize, int8_ready, matmul_int8
+from kernels.matmul import Int8Activations, dequantize, int8_ready, matmul_int8, matmul_int8_many
 from kernels.quants import Q4_K, Q6_K, Q8_0
 from tests.conftest import model_file
 from tests.test_quant_kernels import random_weights
@@ -70,6 +70,23 @@ def test_int8_matmul_real_tensors(name):
     raw = f.tensor_bytes(name)[:300]
     rng = np.random.default_rng(7)
     check(raw, info.ggml_type, rng.standard_normal((2, info.ne[0])).astype(np.float32))
+
+
+@pytest.mark.parametrize("n", [1, 6])
+@pytest.mark.parametrize("contiguous_last", [False, True])
+def test_int8_matmul_many_equals_one_at_a_time(n, contiguous_last):
+    """One launch for several matrices (q/k/v, gate/up): mixed types and row counts, outputs that
+    are column blocks of one buffer, or (contiguous_last) a separate array of another layout."""
+    rng = np.random.default_rng(n)
+    mats = [random_weights(Q4_K, 40, 512, rng), random_weights(Q6_K, 17, 512, rng), random_weights(Q4_K, 3, 512, rng)]
+    xq = Int8Activations().quantize(rng.standard_normal((n, 512)).astype(np.float32))
+    buf = np.full((n, 60), np.nan, np.float32)
+    outs = [buf[:, :40], buf[:, 40:57], np.full((n, 3), np.nan, np.float32) if contiguous_last else buf[:, 57:]]
+    matmul_int8_many([(w, t, o) for w, t, o in zip(mats, [Q4_K, Q6_K, Q4_K], outs)], xq)
+    for w, t, o in zip(mats, [Q4_K, Q6_K, Q4_K], outs):
+        want = np.empty((n, w.shape[0]), np.float32)
+        matmul_int8(w, t, xq, want)
+        np.testing.assert_array_equal(o, want)
 
 
 def test_int8_errors():
