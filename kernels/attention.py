@@ -2,19 +2,27 @@
 import numpy as np
 from numba import njit, prange
 
+from kernels._expf import expf
+from kernels.f16 import round_f16
+
 
 @njit(cache=True)
-def store_kv(k, v, k_cache, v_cache, pos0, n_kv_heads, head_dim):
+def store_kv(k, v, k_cache, v_cache, pos0, n_kv_heads, head_dim, f16=False):
     """Copy k, v [n, n_kv_heads*head_dim] into the caches at positions pos0..pos0+n-1.
 
     k_cache is [n_kv_heads, head_dim, ctx] (keys transposed, so the scores of many
-    positions are computed side by side); v_cache is [n_kv_heads, ctx, head_dim]."""
+    positions are computed side by side); v_cache is [n_kv_heads, ctx, head_dim].
+    With f16, values are rounded to float16 precision as they are stored, which is
+    what llama.cpp's default f16 KV cache keeps."""
     n = k.shape[0]
     for t in range(n):
         for h in range(n_kv_heads):
             for i in range(head_dim):
-                k_cache[h, i, pos0 + t] = k[t, h * head_dim + i]
-                v_cache[h, pos0 + t, i] = v[t, h * head_dim + i]
+                kv, vv = k[t, h * head_dim + i], v[t, h * head_dim + i]
+                if f16:
+                    kv, vv = round_f16(kv), round_f16(vv)
+                k_cache[h, i, pos0 + t] = kv
+                v_cache[h, pos0 + t, i] = vv
 
 
 # Every loop below vectorizes across positions (q.k) or across head_dim (p.v) while each
@@ -54,11 +62,11 @@ def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
             for j in range(keys):
                 s[j] *= scale32
                 mx = max(mx, s[j])
+            for j in range(keys):
+                prow[j] = expf(s[j] - mx)
             total = np.float32(0.0)
             for j in range(keys):
-                e = np.float32(np.exp(s[j] - mx))
-                prow[j] = e
-                total += e
+                total += prow[j]
             inv = np.float32(1.0) / total
             srow[keys:] = 0.0
             prow[keys:] = 0.0
