@@ -36,9 +36,9 @@ def _wrap(name, fn, classify=None):
     return wrapped
 
 
-def _mm_class(w, x, out, *rest):
+def _mm_class(x, xq, *pairs):
     from kernels.quants import type_name
-    return f"matmul {type_name(w.qtype)} {w.rows}x{w.cols}"
+    return "matmul " + " + ".join(f"{type_name(w.qtype)} {w.rows}x{w.cols}" for w, _ in pairs)
 
 
 def main():

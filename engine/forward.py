@@ -14,26 +14,50 @@ from engine.model import Config, Weights
 from kernels.attention import attention, store_kv
 from kernels import elementwise, norm
 from kernels import rope as rope_mod
-from kernels.matmul import Int8Activations, get_rows, int8_ready, matmul, matmul_int8
+from kernels.matmul import Int8Activations, Int8Group, get_rows, matmul, matmul_int8_group
 from kernels.rope import rope_inv_freq
+
+
+class LayerInt8:
+    """One layer's int8 matmul groups (q/k/v and gate/up share their inputs); None where a
+    matrix is not Q4_K/Q6_K, or everywhere if exact, and those run in float32."""
+
+    def __init__(self, layer, exact: bool):
+        self.qkv = _group(exact, layer.wq, layer.wk, layer.wv)
+        self.wo = _group(exact, layer.wo)
+        self.gate_up = _group(exact, layer.w_gate, layer.w_up)
+        self.down = _group(exact, layer.w_down)
+
+
+def _group(exact: bool, *ws):
+    if exact or not Int8Group.ready([(w.data, w.qtype, w.cols) for w in ws]):
+        return None
+    return Int8Group([(w.data, w.qtype) for w in ws])
 
 
 class Model:
     """Config + Weights + the small derived constants the forward needs.
 
-    By default a one-token forward (decode) runs its Q4_K/Q6_K matmuls on int8
-    activations with integer dot products, as llama.cpp does; a prompt (n > 1)
-    stays float32 so its logits carry no rounding beyond float32's, which keeps
-    them inside the parity bounds against llama.cpp (with int8 activations one
-    visible case fell to cosine 0.9988 < 0.999). exact=True keeps every matmul in
-    float32 (each weight dequantized exactly), for stage-by-stage comparison with
-    a float reference."""
+    By default the forward rounds as llama.cpp does, which is what keeps its logits
+    close to llama.cpp's (tests/test_parity_llamacpp.py): every Q4_K/Q6_K matmul runs
+    on int8 activations with integer dot products (ggml's Q8_K path), and K/V are
+    rounded to float16 as they enter the cache (llama.cpp's f16 KV cache). In
+    activations with outliers (repeated text drives some channels into the
+    thousands) that rounding is not noise but a systematic shift, and a float32
+    forward of such prompts ends up further from llama.cpp than the int8 one. The
+    one exception is a prompt's lm_head: a single row, free in float32, where int8
+    rounding would only add noise llama.cpp's logits do not share.
+
+    exact=True keeps every matmul in float32 (each weight dequantized exactly) and
+    K/V in float32, for stage-by-stage comparison with a float reference."""
 
     def __init__(self, cfg: Config, weights: Weights, exact: bool = False):
         self.cfg = cfg
         self.weights = weights
         self.exact = exact
         self.int8 = Int8Activations()
+        self.layer_int8 = [LayerInt8(layer, exact) for layer in weights.layers]
+        self.output_int8 = _group(exact, weights.output)
         self.inv_freq = rope_inv_freq(cfg.n_rot, cfg.rope_base)
         self.attn_scale = 1.0 / np.sqrt(cfg.head_dim)
         # q, k and v biases side by side, matching the qkv_matmul layout
@@ -65,20 +89,14 @@ def silu_and_swiglu(gate, up, silu_out, swiglu_out):
         gate, up, silu_out, swiglu_out)
 
 
-def _int8_input(model: Model, n: int, x, *ws):
-    """For a decode step (n == 1 tokens), x quantized once for all of the matmuls ws if they
-    all take int8 activations; else None (float32 matmuls)."""
-    if model.exact or n != 1 or not all(int8_ready(w.qtype, w.cols) for w in ws):
-        return None
-    return model.int8.quantize(x)
-
-
-def _mm(w, x, out, xq=None):
-    """out = x @ W.T, with the int8 path when x's quantization xq is given."""
-    if xq is not None:
-        matmul_int8(w.data, w.qtype, xq, out)
+def _mm(model: Model, x, group, *pairs):
+    """out = x @ W.T for each (W, out) pair: with an Int8Group, x is quantized once and all of
+    them run in one int8 launch; with None, float32 matmuls."""
+    if group is not None:
+        matmul_int8_group(group, model.int8.quantize(x), [out for _, out in pairs])
     else:
-        matmul(w.data, w.qtype, x, out)
+        for w, out in pairs:
+            matmul(w.data, w.qtype, x, out)
 
 
 def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_logits: bool = False):
@@ -104,13 +122,11 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
     x = sink.buffer("embedding", None, (n, cfg.dim))
     get_rows(w.token_embd.data, w.token_embd.qtype, tokens, x)
     for li, layer in enumerate(w.layers):
+        g = model.layer_int8[li]
         h = sink.buffer("attn_norm", li, (n, cfg.dim))
         rmsnorm(x, layer.attn_norm, cfg.eps, h)
         qkv = sink.buffer("qkv_matmul", li, (n, qd + 2 * kvd))
-        hq = _int8_input(model, n, h, layer.wq, layer.wk, layer.wv)
-        _mm(layer.wq, h, qkv[:, :qd], hq)
-        _mm(layer.wk, h, qkv[:, qd:qd + kvd], hq)
-        _mm(layer.wv, h, qkv[:, qd + kvd:], hq)
+        _mm(model, h, g.qkv, (layer.wq, qkv[:, :qd]), (layer.wk, qkv[:, qd:qd + kvd]), (layer.wv, qkv[:, qd + kvd:]))
         if model.qkv_bias[li] is not None:
             biased = sink.buffer("qkv_bias", li, (n, qd + 2 * kvd))
             add_bias(qkv, model.qkv_bias[li], biased)
@@ -120,28 +136,27 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
         k_rope = sink.buffer("k_post_rope", li, (n, kvd))
         rope(qkv[:, qd:qd + kvd], positions, cfg.n_kv_heads, cfg.head_dim, cfg.n_rot, model.inv_freq,
              cfg.rope_neox, k_rope)
-        store_kv(k_rope, qkv[:, qd + kvd:], kv.k[li], kv.v[li], pos0, cfg.n_kv_heads, cfg.head_dim)
+        store_kv(k_rope, qkv[:, qd + kvd:], kv.k[li], kv.v[li], pos0, cfg.n_kv_heads, cfg.head_dim,
+                 not model.exact)
         scores = sink.buffer("attn_scores", li, (cfg.n_heads, n, n_keys))
         probs = sink.buffer("attn_softmax", li, (cfg.n_heads, n, n_keys))
         att = sink.buffer("attention", li, (n, qd))
         attention(q_rope, kv.k[li], kv.v[li], pos0, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                   attn_scale, scores, probs, att)
         att_out = sink.buffer("attn_out", li, (n, cfg.dim))
-        _mm(layer.wo, att, att_out, _int8_input(model, n, att, layer.wo))
+        _mm(model, att, g.wo, (layer.wo, att_out))
         resid = sink.buffer("post_attn_residual", li, (n, cfg.dim))
         add(x, att_out, resid)
         h = sink.buffer("ffn_norm", li, (n, cfg.dim))
         rmsnorm(resid, layer.ffn_norm, cfg.eps, h)
         gate = sink.buffer("ffn_gate", li, (n, cfg.ffn_dim))
-        hq = _int8_input(model, n, h, layer.w_gate, layer.w_up)
-        _mm(layer.w_gate, h, gate, hq)
         up = sink.buffer("ffn_up", li, (n, cfg.ffn_dim))
-        _mm(layer.w_up, h, up, hq)
+        _mm(model, h, g.gate_up, (layer.w_gate, gate), (layer.w_up, up))
         silu = sink.buffer("ffn_silu", li, (n, cfg.ffn_dim))
         swigl = sink.buffer("ffn_swigl", li, (n, cfg.ffn_dim))
         silu_and_swiglu(gate, up, silu, swigl)
         down = sink.buffer("ffn_out", li, (n, cfg.dim))
-        _mm(layer.w_down, swigl, down, _int8_input(model, n, swigl, layer.w_down))
+        _mm(model, swigl, g.down, (layer.w_down, down))
         x_next = sink.buffer("post_ffn_residual", li, (n, cfg.dim))
         add(resid, down, x_next)
         x = x_next
@@ -149,5 +164,5 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
     rmsnorm(x, w.output_norm, cfg.eps, normed)
     rows = normed if all_logits else normed[n - 1:]
     logits = sink.buffer("lm_head", None, (rows.shape[0], cfg.vocab))
-    _mm(w.output, rows, logits, _int8_input(model, n, rows, w.output))
+    _mm(model, rows, model.output_int8 if n == 1 else None, (w.output, logits))
     return logits

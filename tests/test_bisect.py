@@ -199,7 +199,11 @@ def test_bisect_api_corrupted_k_projection_qwen_05b(tmp_path):
 @needs_llama
 @pytest.mark.model
 def test_bisect_default_model_agrees(tmp_path):
-    """The issue's 'done when': all 28 layers of the 1.5B agree; layer 26's cancelling residual is explained."""
+    """The issue's 'done when': all 28 layers of the 1.5B agree, every stage outright.
+
+    (A float32 forward needed the 'cancellation' verdict at layer 26, whose residual cancels
+    ~3900-sized activations; with llama.cpp's int8 activations and f16 KV rounding reproduced,
+    that stage agrees too.)"""
     key = "qwen2.5-coder-1.5b-q4_k_m"
     model_file(key)
     res = run_cli("bisect", key, "--raw", "--prompt", "What is 2+2?", "--json")
@@ -208,7 +212,5 @@ def test_bisect_default_model_agrees(tmp_path):
     assert report["ok"] and report["first_divergence"] is None
     status = {(r["stage"], r["layer"]): r["status"] for r in report["results"]}
     assert len(status) == 3 + 28 * 16 and set(report["unavailable"]) == {"ffn_silu"}
-    assert status["post_ffn_residual", 26] == "cancellation"
-    # everything before the cancellation agrees outright
-    assert all(s == "ok" for (stage, layer), s in status.items() if layer is not None and layer < 26)
+    assert all(s == "ok" for s in status.values()), {k: s for k, s in status.items() if s != "ok"}
     assert report["peak_disk_bytes"] < 200e6

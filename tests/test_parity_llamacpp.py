@@ -13,12 +13,15 @@ moves them by a similar amount. We therefore:
 - require step-0 logits within LOGIT_MAX_ABS (max) and LOGIT_MEAN_ABS (mean) of
   llama.cpp's, about 1.4x the largest difference of an exact float32 forward on the
   visible cases (noise_floor_numpy_f32.json: Qwen max 0.54 / mean 0.086, SmolLM2
-  max 0.97 / mean 0.28), and cosine >= LOGIT_COSINE. Our engine computes in float32
-  and reproduces that noise floor to 4 decimals, so these bounds are what an exact
-  forward needs; the exactness itself is tested against a numpy forward in
-  test_forward.py with a much tighter bound. SmolLM2's exact forward reaches cosine
-  0.9965 on one visible case (a 576-wide model where llama.cpp's 8-bit activation
-  rounding weighs more), hence its lower cosine bound.
+  max 0.97 / mean 0.28), and cosine >= LOGIT_COSINE. SmolLM2's exact forward reaches
+  cosine 0.9965 on one visible case (a 576-wide model where llama.cpp's 8-bit
+  activation rounding weighs more), hence its lower cosine bound.
+The bounds were set for an exact float32 forward (Engine(exact=True), itself tested
+against a numpy forward in test_forward.py with a much tighter bound). The default
+forward rounds as llama.cpp does (int8 activations for Q4_K/Q6_K matmuls, f16 K/V) and
+stays within the same bounds: on the visible cases its worst step-0 cosine is 0.99922
+(exact: 0.99918), and on repeated-text prompts, where the float32 forward misses them
+badly, it stays inside (test_parity_live.py).
 """
 from __future__ import annotations
 
