@@ -1,21 +1,26 @@
-"""K-quant matmuls against int8 activations (llama.cpp's Q8_K path).
+"""Quantized matmuls against int8 activations (llama.cpp's Q8_K and Q8_0 paths).
 
-Each activation row is quantized once per matmul to int8 in blocks of 256 with
-one float32 scale per block (`quantize_q8k`, the same rounding as ggml's
-quantize_row_q8_K), plus the sums of every 16 quantized values. Each weight
-block's dot product is then an exact integer (kernels/_simd.py) scaled by the
-block's float scales. The error against the float path is that of the int8
-activations: about 0.4% of |x| per element, the same approximation llama.cpp makes.
+Each activation row is quantized once per matmul to int8 with one float32 scale per
+block: blocks of 256 for K-quant weights (`quantize_q8k`, the rounding of ggml's
+quantize_row_q8_K, plus the sums of every 16 values) and blocks of 32 for Q8_0,
+Q5_0 and Q4_1 weights (`quantize_q8_0`, the rounding of ggml's x86 quantize_row_q8_0,
+scale stored as float16, plus each block's sum). Each weight block's dot product is
+then an exact integer (kernels/_simd.py) scaled by the blocks' float scales. The
+error against the float path is that of the int8 activations: at most half a step,
+max|x_block|/254, per element; the same approximation llama.cpp makes.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from kernels._simd import q4k_row_dot, q4k_row_dot4, q6k_row_dot, q6k_row_dot4
-from kernels.quants import Q4_K
+from kernels._simd import (q4_1_row_dot, q4_1_row_dot4, q4k_row_dot, q4k_row_dot4, q5_0_row_dot, q5_0_row_dot4,
+                           q6k_row_dot, q6k_row_dot4, q8_0_row_dot, q8_0_row_dot4)
+from kernels.f16 import round_f16
+from kernels.quants import Q4_1, Q4_K, Q5_0, Q6_K
 
-QK = 256                                    # activations per int8 block
+QK = 256                                    # activations per int8 block for K-quant weights
+QK8_0 = 32                                  # ... and for Q8_0, Q5_0 and Q4_1 weights
 CHUNK = 16                                  # weight rows per parallel work item
 
 
@@ -50,18 +55,58 @@ def quantize_q8k(x, xq, xd, bs):
         _quantize_row(x[t], xq[t], xd[t], bs[t])
 
 
+@njit(cache=True)
+def quantize_q8_0(x, xq, xd, bs):
+    """Quantize rows x[n, cols] (cols % 32 == 0) into xq int8 [n, cols], scales xd float32
+    [n, cols/32] (float16 values, as ggml stores them) and block sums bs int16 [n, cols/32]."""
+    for t in range(x.shape[0]):
+        for b in range(x.shape[1] // QK8_0):
+            amax = np.float32(0.0)
+            for i in range(b * QK8_0, b * QK8_0 + QK8_0):
+                amax = max(amax, abs(x[t, i]))
+            xd[t, b] = round_f16(amax / np.float32(127.0))
+            iscale = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
+            total = 0
+            for i in range(b * QK8_0, b * QK8_0 + QK8_0):
+                v = int(np.rint(x[t, i] * iscale))
+                xq[t, i] = v
+                total += v
+            bs[t, b] = total
+
+
+@njit(cache=True)
+def dequantize_q8(xq, xd, out):
+    """out[t, i] = xq[t, i] * xd[t, i // block]: quantized activations back as float32."""
+    block = xq.shape[1] // xd.shape[1]
+    for t in range(xq.shape[0]):
+        for i in range(xq.shape[1]):
+            out[t, i] = np.float32(xq[t, i]) * xd[t, i // block]
+
+
 @njit(cache=True, inline="always")
 def _row_dot(qtype, row, xq, xo, xs, xd, do, ds, bs, bo, bst):
     if qtype == Q4_K:
         return q4k_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
-    return q6k_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+    if qtype == Q6_K:
+        return q6k_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+    if qtype == Q5_0:
+        return q5_0_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+    if qtype == Q4_1:
+        return q4_1_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+    return q8_0_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
 
 
 @njit(cache=True, inline="always")
 def _row_dot4(qtype, row, xq, xo, xs, xd, do, ds, bs, bo, bst):
     if qtype == Q4_K:
         return q4k_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
-    return q6k_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+    if qtype == Q6_K:
+        return q6k_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+    if qtype == Q5_0:
+        return q5_0_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+    if qtype == Q4_1:
+        return q4_1_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+    return q8_0_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
 
 
 @njit(cache=True, inline="always")
@@ -79,8 +124,8 @@ def _locate(ws, job):
 # Several matrices that share an input (q/k/v, gate/up) run in one parallel launch.
 @njit(cache=True, parallel=True)
 def mm_q8(ws, qtypes, xq, xd, bs, outs):
-    """outs[i][t, r] = ws[i][r] . x[t] for each matrix i (a tuple of Q4_K/Q6_K row arrays, their
-    types and outputs) and activations quantized by quantize_q8k."""
+    """outs[i][t, r] = ws[i][r] . x[t] for each matrix i (a tuple of row arrays, their types and
+    outputs) and activations quantized for those types (quantize_q8k or quantize_q8_0)."""
     n = xq.shape[0]
     xs, ds, bst = xq.shape[1], xd.shape[1], bs.shape[1]
     total = 0

@@ -61,6 +61,15 @@ def _maddubs(builder, u8: ir.Value, s8: ir.Value) -> ir.Value:
     return _pairs_sum(builder, builder.mul(builder.zext(u8, _V32I16), builder.sext(s8, _V32I16)))
 
 
+def _dot_u8s8(builder, u8: ir.Value, s8: ir.Value) -> ir.Value:
+    """<8 x i32>: lane i = sum_k u8[4i+k] * s8[4i+k] (vpdpbusd with AVX512-VNNI, else
+    vpmaddubsw + vpmaddwd by ones)."""
+    if HAS_VNNI:
+        return _intrinsic(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32,
+                          [ir.Constant(_V8I32, None), builder.bitcast(u8, _V8I32), builder.bitcast(s8, _V8I32)])
+    return _madd(builder, None, _maddubs(builder, u8, s8), _splat(_V16I16, 1))
+
+
 def _madd(builder, acc, a16: ir.Value, b16: ir.Value) -> ir.Value:
     """<8 x i32>: acc + (lane i = a16[2i]*b16[2i] + a16[2i+1]*b16[2i+1]); acc may be None.
 
@@ -206,13 +215,82 @@ def _q6k_block(builder, blk, xps, bps, xds):
     return parts
 
 
-def _row_dot_codegen(block_bytes: int, tokens: int, block_fn):
-    """IR for W_row . x_t over a whole row of K-quant blocks, for `tokens` activation rows.
+def _nibbles32(builder, blk, offset: int):
+    """The 32 four-bit codes of a 16-byte ggml nibble array: low nibbles are elements 0..15,
+    high nibbles 16..31."""
+    qs = _load(builder, blk, offset, _V16I8)
+    lo = builder.and_(qs, _splat(_V16I8, 15))
+    hi = builder.lshr(qs, _splat(_V16I8, 4))
+    mask = ir.Constant(ir.VectorType(_I32, 32), [ir.Constant(_I32, i) for i in range(32)])
+    return builder.shuffle_vector(lo, hi, mask)
+
+
+def _lane0(builder, vec_ty, value):
+    """A vector of vec_ty with `value` in lane 0 and zeros elsewhere."""
+    zero = ir.Constant(vec_ty, [ir.Constant(vec_ty.element, 0)] * vec_ty.count)
+    return builder.insert_element(zero, value, ir.Constant(_I32, 0))
+
+
+def _sum32(builder, bp):
+    """The int16 sum of one token's 32 activations, as i32."""
+    return builder.sext(builder.load(builder.bitcast(bp, _I16.as_pointer()), align=2), _I32)
+
+
+def _q8_0_block(builder, blk, xps, bps, xds):
+    """One Q8_0 block (f16 d, 32 int8) against 32 int8 activations per token: d*xd*dot(w, x)
+    as <8 x float>. The signed product goes through |w| * (x with w's sign), as in ggml."""
+    w = _load(builder, blk, 2, _V32I8)
+    zero = ir.Constant(_V32I8, [ir.Constant(_I8, 0)] * 32)
+    negative = builder.icmp_signed("<", w, zero)
+    w_abs = builder.select(negative, builder.sub(zero, w), w)   # -128 stays 0x80 = 128 unsigned
+    d = builder.extract_element(_f16_at(builder, blk, 0, 1), ir.Constant(_I32, 0))
+    parts = []
+    for xp, xd in zip(xps, xds):
+        x = _load(builder, xp, 0, _V32I8)
+        signed_x = builder.select(negative, builder.sub(zero, x),
+                                  builder.select(builder.icmp_signed("==", w, zero), zero, x))
+        parts.append(_scaled(builder, _dot_u8s8(builder, w_abs, signed_x), d, xd))
+    return parts
+
+
+def _q5_0_block(builder, blk, xps, bps, xds):
+    """One Q5_0 block (f16 d, 32 high bits, 16 nibble bytes; value = d*(q - 16)) per token:
+    d*xd*(dot(q, x) - 16*sum(x)) as <8 x float>."""
+    high = builder.bitcast(_load(builder, blk, 2, _I32), ir.VectorType(ir.IntType(1), 32))
+    q = builder.or_(_nibbles32(builder, blk, 6),
+                    builder.shl(builder.zext(high, _V32I8), _splat(_V32I8, 4)))
+    d = builder.extract_element(_f16_at(builder, blk, 0, 1), ir.Constant(_I32, 0))
+    parts = []
+    for xp, bp, xd in zip(xps, bps, xds):
+        dot = _dot_u8s8(builder, q, _load(builder, xp, 0, _V32I8))
+        offset = builder.shl(_sum32(builder, bp), ir.Constant(_I32, 4))
+        parts.append(_scaled(builder, builder.sub(dot, _lane0(builder, _V8I32, offset)), d, xd))
+    return parts
+
+
+def _q4_1_block(builder, blk, xps, bps, xds):
+    """One Q4_1 block (f16 d, f16 m, 16 nibble bytes; value = d*q + m) per token:
+    d*xd*dot(q, x) + m*xd*sum(x) as <8 x float>."""
+    q = _nibbles32(builder, blk, 4)
+    dm = _f16_at(builder, blk, 0, 2)
+    d, m = (builder.extract_element(dm, ir.Constant(_I32, i)) for i in (0, 1))
+    parts = []
+    for xp, bp, xd in zip(xps, bps, xds):
+        dot = _scaled(builder, _dot_u8s8(builder, q, _load(builder, xp, 0, _V32I8)), d, xd)
+        shift = builder.fmul(builder.fmul(m, xd, flags=_FAST), builder.sitofp(_sum32(builder, bp), _F32), flags=_FAST)
+        parts.append(builder.fadd(dot, _lane0(builder, _V8F32, shift), flags=_FAST))
+    return parts
+
+
+def _row_dot_codegen(block_bytes: int, block_elems: int, tokens: int, block_fn):
+    """IR for W_row . x_t over a whole row of weight blocks, for `tokens` activation rows.
 
     Arguments (row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride): activation row t starts
-    at xq[xo + t*xstride], its per-block scales at xd[do + t*dstride] and its 16-sums at
-    bs[bo + t*bstride]. block_fn turns each block into scaled 8-lane float partial sums, which
-    are added into one accumulator per token and reduced once per row."""
+    at xq[xo + t*xstride], its per-block scales at xd[do + t*dstride] and its sums (one per 16
+    values for 256-element blocks, one per block for 32-element blocks) at bs[bo + t*bstride].
+    block_fn turns each block into scaled 8-lane float partial sums, which are added into one
+    accumulator per token and reduced once per row."""
+    sums_per_block = 16 if block_elems == 256 else 1
     def codegen(context, builder, signature, args):
         (trow, txq, txo, txs, txd, tdo, tds, tbs, tbo, tbst) = signature.args
         row_ary = context.make_array(trow)(context, builder, args[0])
@@ -232,10 +310,10 @@ def _row_dot_codegen(block_bytes: int, tokens: int, block_fn):
                                                       builder.mul(stride, ir.Constant(_I64, t)))])
             blk = builder.gep(row_ary.data, [builder.mul(b, ir.Constant(b.type, block_bytes))])
             if tokens == 1:
-                for k in range(3):
-                    _prefetch(builder, blk, PREFETCH_AHEAD + 64 * k)
-            parts = block_fn(builder, blk, [at(x0, 256, xstride, t) for t in range(tokens)],
-                             [at(b0, 16, bstride, t) for t in range(tokens)],
+                for k in range(0, block_bytes, 64):
+                    _prefetch(builder, blk, PREFETCH_AHEAD + k)
+            parts = block_fn(builder, blk, [at(x0, block_elems, xstride, t) for t in range(tokens)],
+                             [at(b0, sums_per_block, bstride, t) for t in range(tokens)],
                              [builder.load(at(d0, 1, dstride, t)) for t in range(tokens)])
             for acc, part in zip(accs, parts):
                 builder.store(builder.fadd(builder.load(acc), part, flags=_FAST), acc)
@@ -248,17 +326,25 @@ def _row_dot_codegen(block_bytes: int, tokens: int, block_fn):
     return codegen
 
 
-def _row_dot_intrinsic(block_bytes: int, tokens: int, block_fn, doc: str):
+def _row_dot_intrinsic(block_bytes: int, block_elems: int, tokens: int, block_fn, doc: str):
     def typer(typingctx, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride):
         ret = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
         return (ret(row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride),
-                _row_dot_codegen(block_bytes, tokens, block_fn))
+                _row_dot_codegen(block_bytes, block_elems, tokens, block_fn))
     typer.__doc__ = doc
     typer.__name__ = typer.__qualname__ = f"row_dot_{block_bytes}_{tokens}"
     return intrinsic(typer)
 
 
-q4k_row_dot = _row_dot_intrinsic(144, 1, _q4k_block, "W_row . x for a row of Q4_K blocks and one activation row.")
-q4k_row_dot4 = _row_dot_intrinsic(144, 4, _q4k_block, "W_row . x_t for four activation rows t (a 4-tuple).")
-q6k_row_dot = _row_dot_intrinsic(210, 1, _q6k_block, "W_row . x for a row of Q6_K blocks and one activation row.")
-q6k_row_dot4 = _row_dot_intrinsic(210, 4, _q6k_block, "W_row . x_t for four activation rows t (a 4-tuple).")
+_ONE = "W_row . x for a row of {} blocks and one activation row."
+_FOUR = "W_row . x_t for a row of {} blocks and four activation rows t (a 4-tuple)."
+q4k_row_dot = _row_dot_intrinsic(144, 256, 1, _q4k_block, _ONE.format("Q4_K"))
+q4k_row_dot4 = _row_dot_intrinsic(144, 256, 4, _q4k_block, _FOUR.format("Q4_K"))
+q6k_row_dot = _row_dot_intrinsic(210, 256, 1, _q6k_block, _ONE.format("Q6_K"))
+q6k_row_dot4 = _row_dot_intrinsic(210, 256, 4, _q6k_block, _FOUR.format("Q6_K"))
+q8_0_row_dot = _row_dot_intrinsic(34, 32, 1, _q8_0_block, _ONE.format("Q8_0"))
+q8_0_row_dot4 = _row_dot_intrinsic(34, 32, 4, _q8_0_block, _FOUR.format("Q8_0"))
+q5_0_row_dot = _row_dot_intrinsic(22, 32, 1, _q5_0_block, _ONE.format("Q5_0"))
+q5_0_row_dot4 = _row_dot_intrinsic(22, 32, 4, _q5_0_block, _FOUR.format("Q5_0"))
+q4_1_row_dot = _row_dot_intrinsic(20, 32, 1, _q4_1_block, _ONE.format("Q4_1"))
+q4_1_row_dot4 = _row_dot_intrinsic(20, 32, 4, _q4_1_block, _FOUR.format("Q4_1"))

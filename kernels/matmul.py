@@ -10,10 +10,11 @@ dot products accumulate in float32 in a blocked order, so
 |out - x @ W.T| <= 1e-4 * (|x| @ |W|.T) for rows up to ~25000 columns (the
 derivation is in tests/test_quant_kernels.py).
 
-`matmul_int8` is the fast path for Q4_K and Q6_K weights: the activations are
-first quantized to int8 (`Int8Activations`, ggml's Q8_K layout) and every block
-dot product is an exact integer (kernels/_q8.py); the only error is the int8
-rounding of the activations, the approximation llama.cpp makes.
+`matmul_int8` is the fast path for Q4_K, Q6_K, Q8_0, Q5_0 and Q4_1 weights: the
+activations are first quantized to int8 (`Int8Activations`, ggml's Q8_K layout for
+K-quants, Q8_0 for the others) and every block dot product is an exact integer
+(kernels/_q8.py); the only error is the int8 rounding of the activations, the
+approximation llama.cpp makes.
 
 Numba's cache keys each kernel on its own source file only: after editing
 kernels/_dequant.py, kernels/f16.py, kernels/_simd.py or kernels/_expf.py, delete
@@ -26,7 +27,7 @@ import numpy as np
 from engine import failpoints
 from kernels._dequant import dequantize_rows
 from kernels._gemm import gemm
-from kernels._q8 import QK, mm_q8, quantize_q8k
+from kernels._q8 import QK, QK8_0, dequantize_q8, mm_q8, quantize_q8_0, quantize_q8k
 from kernels._matvec import mv_float, mv_q4_1, mv_q4_k, mv_q5_0, mv_q6_k, mv_q8_0
 from kernels.f16 import F16_TO_F32
 from kernels.quants import F16, F32, GGML_TYPES, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, type_name
@@ -34,7 +35,10 @@ from kernels.quants import F16, F32, GGML_TYPES, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, t
 SUPPORTED = (F32, F16, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)
 _MATVEC = {Q4_K: mv_q4_k, Q6_K: mv_q6_k, Q4_1: mv_q4_1, Q5_0: mv_q5_0, Q8_0: mv_q8_0}
 _FLOAT_DTYPES = {F32: np.float32, F16: np.float16}
-_INT8_TYPES = (Q4_K, Q6_K)
+# weight type -> the activation block it is multiplied against (ggml's vec_dot_type)
+Q8K, Q8_0_ACT = "q8k", "q8_0"
+_INT8_KIND = {Q4_K: Q8K, Q6_K: Q8K, Q8_0: Q8_0_ACT, Q5_0: Q8_0_ACT, Q4_1: Q8_0_ACT}
+_KIND_BLOCK = {Q8K: QK, Q8_0_ACT: QK8_0}
 
 
 def _weight_bytes(w, qtype: int) -> tuple[np.ndarray, int]:
@@ -93,52 +97,80 @@ def matmul(w, qtype: int, x: np.ndarray, out: np.ndarray) -> None:
         out *= np.float32(1.01)
 
 
+def int8_kind(qtype: int, cols: int) -> str | None:
+    """The int8 activation layout `matmul_int8` needs for these weights ("q8k": blocks of 256,
+    "q8_0": blocks of 32), or None if there is no int8 path for them."""
+    kind = _INT8_KIND.get(qtype)
+    return kind if kind is not None and cols % _KIND_BLOCK[kind] == 0 else None
+
+
 def int8_ready(qtype: int, cols: int) -> bool:
     """Whether `matmul_int8` handles weights of this type and width."""
-    return qtype in _INT8_TYPES and cols % QK == 0
+    return int8_kind(qtype, cols) is not None
 
 
 class Int8Activations:
-    """Activation rows quantized to int8 in blocks of 256 with a float32 scale per block
-    and the sums of every 16 values (ggml's Q8_K), for `matmul_int8`.
+    """Activation rows quantized to int8 for `matmul_int8`, in one of two layouts: "q8k"
+    (ggml's Q8_K: blocks of 256, float32 scale, int16 sums of every 16 values) or "q8_0"
+    (ggml's Q8_0: blocks of 32, float16-valued scale, int16 block sums).
 
-    Buffers are allocated once per shape and reused: the result of `quantize` stays
-    valid until the next `quantize` of the same shape."""
+    Buffers are allocated once per shape and layout and reused: the result of `quantize`
+    stays valid until the next `quantize` of the same shape and layout."""
 
     def __init__(self):
-        self._buffers: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._buffers: dict[tuple, object] = {}
 
-    def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(xq int8 [n, cols], scales float32 [n, cols/256], sums int16 [n, cols/16]) of x [n, cols]."""
+    def quantize(self, x: np.ndarray, kind: str = Q8K) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(xq int8 [n, cols], scales float32 [n, cols/block], sums int16 [n, cols/sum]) of x [n, cols]."""
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2):
             raise ValueError("x must be a float32 array [n, cols]")
+        if kind not in _KIND_BLOCK:
+            raise ValueError(f"unknown int8 activation layout {kind!r} (known: {', '.join(_KIND_BLOCK)})")
         n, cols = x.shape
-        if cols % QK:
-            raise ValueError(f"int8 activations need a multiple of {QK} columns, got {cols}")
-        bufs = self._buffers.get((n, cols))
+        block = _KIND_BLOCK[kind]
+        if cols % block:
+            raise ValueError(f"int8 activations need a multiple of {block} columns, got {cols}")
+        bufs = self._buffers.get((n, cols, kind))
         if bufs is None:
-            bufs = (np.empty((n, cols), np.int8), np.empty((n, cols // QK), np.float32),
-                    np.empty((n, cols // 16), np.int16))
-            self._buffers[n, cols] = bufs
-        quantize_q8k(x if x.flags.c_contiguous else np.ascontiguousarray(x), *bufs)
+            sums = cols // 16 if kind == Q8K else cols // block
+            bufs = (np.empty((n, cols), np.int8), np.empty((n, cols // block), np.float32),
+                    np.empty((n, sums), np.int16))
+            self._buffers[n, cols, kind] = bufs
+        quantizer = quantize_q8k if kind == Q8K else quantize_q8_0
+        quantizer(x if x.flags.c_contiguous else np.ascontiguousarray(x), *bufs)
         return bufs
+
+    def rounded(self, x: np.ndarray, kind: str) -> np.ndarray:
+        """x rounded to its int8 grid, as float32 [n, cols]: what `matmul_int8` multiplies by,
+        for a float32 matmul that should see the same activations (same reuse rule as quantize)."""
+        q, d, _ = self.quantize(x, kind)
+        out = self._buffers.get((x.shape, kind, "rounded"))
+        if out is None:
+            out = self._buffers[x.shape, kind, "rounded"] = np.empty(x.shape, np.float32)
+        dequantize_q8(q, d, out)
+        return out
 
 
 class Int8Group:
-    """Q4_K/Q6_K weights that share one input (q/k/v, gate/up), checked once, so each
-    `matmul_int8_group` is one parallel launch with no per-call validation of the weights."""
+    """Quantized weights that share one input (q/k/v, gate/up) and one int8 activation layout
+    (`kind`), checked once, so each `matmul_int8_group` is one parallel launch with no per-call
+    validation of the weights."""
 
     def __init__(self, mats):
         """mats: [(w, qtype), ...] with equal column counts."""
-        ws, cols = [], set()
+        ws, cols, kinds = [], set(), set()
         for w, qtype in mats:
             w, c = _weight_bytes(w, qtype)
             if not int8_ready(qtype, c):
                 raise ValueError(f"no int8 matmul for {type_name(qtype)} weights with {c} columns")
             ws.append(w)
             cols.add(c)
+            kinds.add(int8_kind(qtype, c))
         if len(cols) != 1:
             raise ValueError(f"weights in one int8 group must have equal column counts, got {sorted(cols)}")
+        if len(kinds) != 1:
+            raise ValueError(f"weights in one int8 group must share an activation layout, got {sorted(kinds)}")
+        self.kind = kinds.pop()
         self.ws = tuple(ws)
         self.qtypes = tuple(qtype for _, qtype in mats)
         self.cols = cols.pop()
@@ -155,6 +187,12 @@ def matmul_int8_group(group: Int8Group, xq: tuple[np.ndarray, np.ndarray, np.nda
     q, d, sums = xq
     if q.shape[1] != group.cols:
         raise ValueError(f"x has {q.shape[1]} columns but the weights have {group.cols}")
+    block = _KIND_BLOCK[group.kind]
+    n_sums = group.cols // 16 if group.kind == Q8K else group.cols // block
+    if (q.dtype != np.int8 or d.dtype != np.float32 or sums.dtype != np.int16 or d.shape != (q.shape[0], group.cols // block)
+            or sums.shape != (q.shape[0], n_sums)):
+        raise ValueError(f"x is not quantized in the {group.kind!r} layout these weights need "
+                         f"(Int8Activations.quantize(x, {group.kind!r}))")
     if len(outs) != len(group.ws):
         raise ValueError(f"{len(group.ws)} weights but {len(outs)} outputs")
     for w, out in zip(group.ws, outs):
@@ -171,7 +209,8 @@ def matmul_int8_group(group: Int8Group, xq: tuple[np.ndarray, np.ndarray, np.nda
             out *= np.float32(1.01)
 
 def matmul_int8(w, qtype: int, xq: tuple[np.ndarray, np.ndarray, np.ndarray], out: np.ndarray) -> None:
-    """out[n, rows] = x @ W.T for Q4_K/Q6_K weights and x quantized by `Int8Activations.quantize`.
+    """out[n, rows] = x @ W.T for Q4_K/Q6_K/Q8_0/Q5_0/Q4_1 weights and x quantized by
+    `Int8Activations.quantize(x, int8_kind(qtype, cols))`.
 
     Each block's dot product is exact in integers; the result differs from `matmul`
     only by the int8 rounding of x (at most half a step, max|x_block|/254, per element)."""

@@ -1,8 +1,8 @@
-"""The int8-activation matmul (decode fast path) against an exact integer reference.
+"""The int8-activation matmul against an exact integer reference.
 
-`Int8Activations.quantize` must reproduce ggml's quantize_row_q8_K bit for bit (an
-independent numpy version below), and `matmul_int8` must equal deq(W) @ deq(xq) computed
-in float64. The only rounding in matmul_int8 is float32 arithmetic on each block's exact
+`Int8Activations.quantize` must reproduce ggml's quantize_row_q8_K (K-quant weights) and
+x86 quantize_row_q8_0 (Q8_0/Q5_0/Q4_1 weights) bit for bit (independent numpy versions
+below), and `matmul_int8` must equal deq(W) @ deq(xq) computed in float64. The only rounding in matmul_int8 is float32 arithmetic on each block's exact
 integer sums: a few roundings per block and a float32 sum over cols/256 blocks and 8
 lanes, so |error| <= (cols/256 + 8) * 2^-23 * (|deq(W)| @ |deq(xq)|); we check 1e-5 of
 that sum, which holds for rows up to ~20,000 columns.
@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.matmul import Int8Activations, dequantize, int8_ready, matmul_int8, matmul_int8_many
-from kernels.quants import Q4_K, Q6_K, Q8_0
+from kernels.matmul import Int8Activations, dequantize, int8_kind, int8_ready, matmul_int8, matmul_int8_many
+from kernels.quants import F16, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0
 from tests.conftest import model_file
 from tests.test_quant_kernels import random_weights
 
@@ -36,20 +36,35 @@ def q8k_reference(x: np.ndarray):
     return xq, d, sums
 
 
+def q8_0_reference(x: np.ndarray):
+    """ggml's x86 quantize_row_q8_0: per 32 values d = max|x| / 127 stored as float16,
+    q = round-half-even(x * (127 / max|x|)); plus each block's sum of q."""
+    n, cols = x.shape
+    blocks = x.reshape(n, -1, 32)
+    amax = np.abs(blocks).max(axis=2)
+    d = (amax / np.float32(127.0)).astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(amax != 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    xq = np.rint(blocks * iscale[:, :, None]).astype(np.int8)
+    return xq.reshape(n, cols), d, xq.astype(np.int32).sum(axis=2)
+
+
 def check(raw, qtype, x):
     rows, cols = raw.shape[0], x.shape[1]
-    xq, d, sums = Int8Activations().quantize(x)
-    want_q, want_d, want_s = q8k_reference(x)
+    kind = int8_kind(qtype, cols)
+    xq, d, sums = Int8Activations().quantize(x, kind)
+    want_q, want_d, want_s = (q8k_reference if kind == "q8k" else q8_0_reference)(x)
     assert np.array_equal(xq, want_q) and np.array_equal(d, want_d) and np.array_equal(sums, want_s)
     w = dequantize(raw, qtype, (rows, cols)).astype(np.float64)
-    xf = (xq.astype(np.float64).reshape(len(x), -1, 256) * d[:, :, None]).reshape(len(x), cols)
+    block = cols // d.shape[1]
+    xf = (xq.astype(np.float64).reshape(len(x), -1, block) * d[:, :, None]).reshape(len(x), cols)
     want, scale = xf @ w.T, np.abs(xf) @ np.abs(w).T
     out = np.full((len(x), rows), np.nan, np.float32)
     matmul_int8(raw, qtype, (xq, d, sums), out)
     assert np.all(np.abs(out - want) <= 1e-5 * scale + 1e-30), np.max(np.abs(out - want) / (scale + 1e-30))
 
 
-@pytest.mark.parametrize("qtype", [Q4_K, Q6_K])
+@pytest.mark.parametrize("qtype", [Q4_K, Q6_K, Q8_0, Q5_0, Q4_1])
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 9])
 def test_int8_matmul_random(qtype, n):
     rng = np.random.default_rng(qtype * 100 + n)
@@ -62,10 +77,15 @@ def test_int8_matmul_random(qtype, n):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("name", ["blk.3.ffn_up.weight", "blk.0.ffn_down.weight", "blk.3.attn_k.weight"])
-def test_int8_matmul_real_tensors(name):
+@pytest.mark.parametrize("key,name", [("qwen2.5-coder-1.5b-q4_k_m", "blk.3.ffn_up.weight"),
+                                      ("qwen2.5-coder-1.5b-q4_k_m", "blk.0.ffn_down.weight"),
+                                      ("qwen2.5-coder-1.5b-q4_k_m", "blk.3.attn_k.weight"),
+                                      ("qwen2.5-coder-0.5b-q4_k_m", "blk.0.ffn_up.weight"),     # Q5_0
+                                      ("qwen2.5-coder-0.5b-q4_k_m", "token_embd.weight"),       # Q8_0
+                                      ("smollm2-135m-q4_1", "blk.2.ffn_gate.weight")])          # Q4_1
+def test_int8_matmul_real_tensors(key, name):
     from engine.gguf_reader import GGUFFile
-    f = GGUFFile(model_file("qwen2.5-coder-1.5b-q4_k_m"))
+    f = GGUFFile(model_file(key))
     info = f.tensors[name]
     raw = f.tensor_bytes(name)[:300]
     rng = np.random.default_rng(7)
@@ -90,8 +110,11 @@ def test_int8_matmul_many_equals_one_at_a_time(n, contiguous_last):
 
 
 def test_int8_errors():
-    assert int8_ready(Q4_K, 512) and int8_ready(Q6_K, 256)
-    assert not int8_ready(Q8_0, 512)
+    assert int8_ready(Q4_K, 512) and int8_ready(Q6_K, 256) and int8_ready(Q8_0, 96) and int8_ready(Q4_1, 32)
+    assert not int8_ready(Q4_K, 896) and not int8_ready(F16, 512)
+    with pytest.raises(ValueError, match="'q8_0' layout"):   # activations quantized for the wrong weights
+        matmul_int8(random_weights(Q8_0, 4, 512, np.random.default_rng(0)), Q8_0,
+                    Int8Activations().quantize(np.ones((1, 512), np.float32)), np.zeros((1, 4), np.float32))
     with pytest.raises(ValueError, match="multiple of 256"):
         Int8Activations().quantize(np.zeros((1, 100), np.float32))
     raw = random_weights(Q4_K, 4, 512, np.random.default_rng(0))
@@ -99,4 +122,4 @@ def test_int8_errors():
     with pytest.raises(ValueError, match="columns"):
         matmul_int8(raw, Q4_K, xq, np.zeros((1, 4), np.float32))
     with pytest.raises(ValueError, match="no int8 matmul"):
-        matmul_int8(random_weights(Q8_0, 4, 512, np.random.default_rng(0)), Q8_0, xq, np.zeros((1, 4), np.float32))
+        matmul_int8(np.zeros((4, 1024), np.uint8), F16, xq, np.zeros((1, 4), np.float32))
