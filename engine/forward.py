@@ -14,35 +14,46 @@ from engine.model import Config, Weights
 from kernels.attention import attention, store_kv
 from kernels import elementwise, norm
 from kernels import rope as rope_mod
-from kernels.matmul import Int8Activations, Int8Group, get_rows, matmul, matmul_int8_group
+from kernels.matmul import Q8_0_ACT, Int8Activations, Int8Group, get_rows, int8_kind, matmul, matmul_int8_group
 from kernels.rope import rope_inv_freq
 
 
-class LayerInt8:
-    """One layer's int8 matmul groups (q/k/v and gate/up share their inputs); None where a
-    matrix is not Q4_K/Q6_K, or everywhere if exact, and those run in float32."""
+class SharedInput:
+    """How the matmuls that read one input run: int8 groups, one per activation layout the
+    weights need (x is quantized once per layout, each group is one launch), and float32
+    matmuls for weights with no int8 path (or all of them if exact)."""
+
+    def __init__(self, exact: bool, *ws):
+        by_kind: dict[str, list[int]] = {}
+        self.float_idx = []
+        for i, w in enumerate(ws):
+            kind = None if exact else int8_kind(w.qtype, w.cols)
+            if kind is None:
+                self.float_idx.append(i)
+            else:
+                by_kind.setdefault(kind, []).append(i)
+        self.groups = [(kind, Int8Group([(ws[i].data, ws[i].qtype) for i in idx]), idx)
+                       for kind, idx in by_kind.items()]
+
+
+class LayerPlan:
+    """One layer's matmuls by shared input: q/k/v, the output projection, gate/up, down."""
 
     def __init__(self, layer, exact: bool):
-        self.qkv = _group(exact, layer.wq, layer.wk, layer.wv)
-        self.wo = _group(exact, layer.wo)
-        self.gate_up = _group(exact, layer.w_gate, layer.w_up)
-        self.down = _group(exact, layer.w_down)
-
-
-def _group(exact: bool, *ws):
-    if exact or not Int8Group.ready([(w.data, w.qtype, w.cols) for w in ws]):
-        return None
-    return Int8Group([(w.data, w.qtype) for w in ws])
+        self.qkv = SharedInput(exact, layer.wq, layer.wk, layer.wv)
+        self.wo = SharedInput(exact, layer.wo)
+        self.gate_up = SharedInput(exact, layer.w_gate, layer.w_up)
+        self.down = SharedInput(exact, layer.w_down)
 
 
 class Model:
     """Config + Weights + the small derived constants the forward needs.
 
     By default the forward rounds as llama.cpp does, which is what keeps its logits
-    close to llama.cpp's (tests/test_parity_llamacpp.py): every Q4_K/Q6_K matmul runs
-    on int8 activations with integer dot products (ggml's Q8_K path), and K/V are
-    rounded to float16 as they enter the cache (llama.cpp's f16 KV cache). In
-    activations with outliers (repeated text drives some channels into the
+    close to llama.cpp's (tests/test_parity_llamacpp.py): every Q4_K/Q6_K/Q8_0/Q5_0/Q4_1
+    matmul runs on int8 activations with integer dot products (ggml's Q8_K and Q8_0
+    paths), and K/V are rounded to float16 as they enter the cache (llama.cpp's f16
+    KV cache). In activations with outliers (repeated text drives some channels into the
     thousands) that rounding is not noise but a systematic shift, and a float32
     forward of such prompts ends up further from llama.cpp than the int8 one. The
     one exception is a prompt's lm_head: a single row, free in float32, where int8
@@ -56,8 +67,9 @@ class Model:
         self.weights = weights
         self.exact = exact
         self.int8 = Int8Activations()
-        self.layer_int8 = [LayerInt8(layer, exact) for layer in weights.layers]
-        self.output_int8 = _group(exact, weights.output)
+        self.plans = [LayerPlan(layer, exact) for layer in weights.layers]
+        self.output_decode = SharedInput(exact, weights.output)
+        self.output_prompt = SharedInput(True, weights.output)
         self.inv_freq = rope_inv_freq(cfg.n_rot, cfg.rope_base)
         self.attn_scale = 1.0 / np.sqrt(cfg.head_dim)
         # q, k and v biases side by side, matching the qkv_matmul layout
@@ -89,14 +101,21 @@ def silu_and_swiglu(gate, up, silu_out, swiglu_out):
         gate, up, silu_out, swiglu_out)
 
 
-def _mm(model: Model, x, group, *pairs):
-    """out = x @ W.T for each (W, out) pair: with an Int8Group, x is quantized once and all of
-    them run in one int8 launch; with None, float32 matmuls."""
-    if group is not None:
-        matmul_int8_group(group, model.int8.quantize(x), [out for _, out in pairs])
-    else:
-        for w, out in pairs:
-            matmul(w.data, w.qtype, x, out)
+def _mm(model: Model, x, plan: SharedInput, *pairs):
+    """out = x @ W.T for each (W, out) pair, as `plan` says (int8 groups, then float32)."""
+    for kind, group, idx in plan.groups:
+        if kind == Q8_0_ACT and x.shape[0] > 1:
+            # Prompts against 32-element blocks: the integer kernel pays a float scale per 32
+            # products per token and is slower than the batched float32 kernel (0.5B gate, 128
+            # tokens: 56 vs 83 GMAC/s), so the float kernel gets x rounded to the same int8 grid.
+            rounded = model.int8.rounded(x, kind)
+            for i in idx:
+                matmul(pairs[i][0].data, pairs[i][0].qtype, rounded, pairs[i][1])
+        else:
+            matmul_int8_group(group, model.int8.quantize(x, kind), [pairs[i][1] for i in idx])
+    for i in plan.float_idx:
+        w, out = pairs[i]
+        matmul(w.data, w.qtype, x, out)
 
 
 def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_logits: bool = False):
@@ -122,7 +141,7 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
     x = sink.buffer("embedding", None, (n, cfg.dim))
     get_rows(w.token_embd.data, w.token_embd.qtype, tokens, x)
     for li, layer in enumerate(w.layers):
-        g = model.layer_int8[li]
+        g = model.plans[li]
         h = sink.buffer("attn_norm", li, (n, cfg.dim))
         rmsnorm(x, layer.attn_norm, cfg.eps, h)
         qkv = sink.buffer("qkv_matmul", li, (n, qd + 2 * kvd))
@@ -164,5 +183,5 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
     rmsnorm(x, w.output_norm, cfg.eps, normed)
     rows = normed if all_logits else normed[n - 1:]
     logits = sink.buffer("lm_head", None, (rows.shape[0], cfg.vocab))
-    _mm(model, rows, model.output_int8 if n == 1 else None, (w.output, logits))
+    _mm(model, rows, model.output_decode if n == 1 else model.output_prompt, (w.output, logits))
     return logits

@@ -55,20 +55,30 @@ def test_kv_cached_decode_equals_full_recompute(key):
     assert (np.argmax(cached, 1) == np.array(gen)).all()
 
 
-# The default decode step quantizes activations to int8 (llama.cpp's approximation), so it
-# is held to the bounds test_parity_llamacpp.py accepts between llama.cpp's int8 forward and
-# an exact float32 one: max |diff| 0.75, cosine 0.999 (Qwen).
+# The default forward of the 1.5B (all Q4_K/Q6_K) runs the same integer kernels in the prompt
+# and in decode steps, so a KV-cached decode must reproduce a full recompute of the same default
+# forward. Compared on the final hidden state: a prompt's lm_head stays float32 while a decode
+# step's is int8. (The 0.5B and SmolLM2 run their 32-element-block prompts through the float
+# kernel on rounded activations, not the integer one: summation-order differences then flip the
+# odd int8 rounding, which grows to ~2% by the last layer, so there the cache is proven by the
+# exact-mode test above, where prompt and decode share float32 arithmetic.)
 @pytest.mark.model
-@pytest.mark.parametrize("key", ["qwen2.5-coder-0.5b-q4_k_m", "qwen2.5-coder-1.5b-q4_k_m"])
-def test_int8_decode_close_to_exact_decode(key):
-    fast, exact = engine_for(key), engine_for(key, exact=True)
-    prompt = fast.tokenizer.encode("def fibonacci(n):\n    ")
-    gen = list(exact.generate(prompt, max_tokens=8, stop_at_eog=False))
-    fast.prefill(prompt)
-    exact.prefill(prompt)
+@pytest.mark.parametrize("key", ["qwen2.5-coder-1.5b-q4_k_m"])
+def test_default_kv_cached_decode_equals_default_recompute(key):
+    eng = engine_for(key)
+    prompt = eng.tokenizer.encode("def fibonacci(n):\n    ")
+    gen = list(eng.generate(prompt, max_tokens=10, stop_at_eog=False))
+    seq = prompt + gen
+    eng.prefill(prompt)
+    cached = []
     for i, t in enumerate(gen[:-1]):
-        a = fast.forward([t], pos=len(prompt) + i)[0].astype(np.float64)
-        b = exact.forward([t], pos=len(prompt) + i)[0].astype(np.float64)
-        cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
-        assert np.abs(a - b).max() <= 0.75 and cos >= 0.999, (i, np.abs(a - b).max(), cos)
-        assert not np.array_equal(a, b)   # the int8 path really ran
+        sink = KeepSink()
+        eng.forward([t], pos=len(prompt) + i, sink=sink)
+        cached.append(sink.kept["final_norm", None][0])
+    full_sink = KeepSink()
+    eng.forward(seq[:-1], all_logits=True, sink=full_sink)
+    full = full_sink.kept["final_norm", None][len(prompt):]
+    cached = np.array(cached)
+    # same integer kernels; float sums in attention/norms in a different order
+    err = np.max(np.abs(cached - full))
+    assert err <= 2e-3 * np.max(np.abs(full)), err

@@ -8,9 +8,10 @@ a long prompt. llama.cpp runs with the reference's settings (../shared/reference
 n_ctx 1024, batch 512, 2 threads, f16 KV cache, flash attention off, the whole prompt in
 one decode); the bounds are test_parity_llamacpp.py's, unchanged.
 
-Only the 1.5B: the 0.5B's Q5_0/Q8_0 matmuls still run on float32 activations where
-llama.cpp uses Q8_0 ones, and on 48 prompts of this kind 4 of its step-0 logits miss the
-mean/cosine bounds (7 for a fully float32 forward).
+Only the 1.5B is held to these bounds here. Measured on 48 prompts of these kinds (42 held
+out + the 6 visible), both Qwen models are within them on all (1.5B worst cosine 0.99922,
+0.5B 0.99944; a float32 forward of the 1.5B misses on 2, of the 0.5B on 7), but on this
+file's prompts the 0.5B misses on "yes yes ..." (cosine 0.99714 < 0.999).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tests.conftest import engine_for, model_file
 from tests.test_llama_trace import needs_llama
 from tests.test_parity_llamacpp import LOGIT_COSINE, LOGIT_MAX_ABS, LOGIT_MEAN_ABS
 
-KEY = "qwen2.5-coder-1.5b-q4_k_m"
+KEYS = ("qwen2.5-coder-1.5b-q4_k_m",)
 PROMPTS = {
     "repeat_word": "yes " * 60,
     "repeat_phrase": "One two three four. " * 25,
@@ -39,10 +40,22 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def llama():
+def llama_for():
+    """key -> a llama.cpp model with the reference's settings (one loaded at a time, closed at the end)."""
     from llama_cpp import Llama
-    return Llama(str(model_file(KEY)), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=2, n_threads_batch=2,
-                 flash_attn=False, n_gpu_layers=0, verbose=False)
+    loaded = {}
+
+    def get(key):
+        if key not in loaded:
+            for llm in loaded.values():
+                llm.close()
+            loaded.clear()
+            loaded[key] = Llama(str(model_file(key)), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=2,
+                                n_threads_batch=2, flash_attn=False, n_gpu_layers=0, verbose=False)
+        return loaded[key]
+    yield get
+    for llm in loaded.values():
+        llm.close()
 
 
 def llama_step0(llm, ids) -> np.ndarray:
@@ -56,9 +69,11 @@ def llama_step0(llm, ids) -> np.ndarray:
 
 @needs_llama
 @pytest.mark.model
+@pytest.mark.parametrize("key", KEYS)
 @pytest.mark.parametrize("name", list(PROMPTS))
-def test_step0_logits_close_to_live_llamacpp(llama, name):
-    eng = engine_for(KEY)
+def test_step0_logits_close_to_live_llamacpp(llama_for, key, name):
+    llama = llama_for(key)
+    eng = engine_for(key)
     ids = eng.prompt_ids(PROMPTS[name], raw=True)
     assert ids == llama.tokenize(PROMPTS[name].encode(), add_bos=False, special=True)
     want = llama_step0(llama, ids).astype(np.float64)
@@ -66,5 +81,5 @@ def test_step0_logits_close_to_live_llamacpp(llama, name):
     d = np.abs(got - want)
     cos = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
     print(f"{name}: {len(ids)} tokens, max {d.max():.3f} mean {d.mean():.4f} cosine {cos:.5f}")
-    assert d.max() <= LOGIT_MAX_ABS[KEY] and d.mean() <= LOGIT_MEAN_ABS[KEY] and cos >= LOGIT_COSINE[KEY], \
+    assert d.max() <= LOGIT_MAX_ABS[key] and d.mean() <= LOGIT_MEAN_ABS[key] and cos >= LOGIT_COSINE[key], \
         f"max {d.max():.3f} mean {d.mean():.4f} cosine {cos:.5f}"
