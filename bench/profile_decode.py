@@ -36,7 +36,7 @@ def _wrap(name, fn, classify=None):
     return wrapped
 
 
-def _mm_class(x, xq, *pairs):
+def _mm_class(model, x, plan, *pairs):
     from kernels.quants import type_name
     return "matmul " + " + ".join(f"{type_name(w.qtype)} {w.rows}x{w.cols}" for w, _ in pairs)
 
