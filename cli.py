@@ -1,9 +1,9 @@
 """numgguf: run, trace and inspect GGUF language models on the CPU.
 
 Usage:
-  cli run [MODEL] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--raw] [--threads N] [--ctx N]
-  cli score [MODEL] (--text TEXT | --ids IDS) [--raw] [--top N] [--json] [--threads N]
-  cli trace [MODEL] [--prompt TEXT] [--raw] [--stages LIST] [--layers RANGE] [--out DIR] [--stats] [--force] [--threads N] [--engine NAME]
+  cli run [MODEL] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--raw] [--threads N] [--ctx N] [--exact]
+  cli score [MODEL] (--text TEXT | --ids IDS) [--raw] [--top N] [--json] [--threads N] [--exact]
+  cli trace [MODEL] [--prompt TEXT] [--raw] [--stages LIST] [--layers RANGE] [--out DIR] [--stats] [--force] [--threads N] [--engine NAME] [--exact]
   cli diff PATH_A PATH_B [--atol X] [--rtol Y] [--json]
   cli bisect [MODEL] [--prompt TEXT] [--raw] [--reference-model PATH] [--min-cosine C] [--atol X] [--rtol Y] [--plot FILE] [--json] [--threads N]
   cli bench [MODEL] [--prompt-tokens N] [--gen-tokens N] [--threads N] [--repeat N] [--vs-llama-cpp] [--json]
@@ -45,6 +45,10 @@ Options:
   --seed S           Seed for sampling (runs with the same seed repeat).
   --threads N        Worker threads [default: 2].
   --ctx N            Context size in tokens (default: the model's, at most 32768).
+  --exact            float32 arithmetic throughout (slower): every weight dequantized exactly and
+                     K/V kept in float32, for comparison with a float reference. By default
+                     activations are rounded to int8 for quantized matmuls and K/V to f16, as
+                     llama.cpp does.
   --text TEXT        Text to score.
   --ids IDS          Comma-separated token ids to score, e.g. 9707,11,1879.
   --top N            Candidates to show per position [default: 5].
@@ -107,7 +111,7 @@ TRACE_PROMPT = "What is 2+2?"  # the prompt `apr trace` uses
 
 def _load(args, threads=None, n_ctx=None):
     from engine.api import Engine
-    return Engine.load(args["MODEL"], n_ctx=n_ctx, threads=threads)
+    return Engine.load(args["MODEL"], n_ctx=n_ctx, threads=threads, exact=bool(args.get("--exact")))
 
 
 def cmd_run(args) -> int:

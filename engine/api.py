@@ -71,7 +71,8 @@ class Engine:
              quiet: bool = False, exact: bool = False) -> "Engine":
         """Load a model by key (fetched on first use) or GGUF path.
 
-        exact=True runs every matmul in float32 instead of llama.cpp's int8 activations."""
+        exact=True computes in float32 throughout (every matmul on float32 activations, K/V
+        kept in float32) instead of rounding as llama.cpp does (see engine.forward.Model)."""
         set_threads(threads)
         path = resolve_model(model, quiet=quiet)
         if not quiet:

@@ -57,7 +57,9 @@ class Model:
     thousands) that rounding is not noise but a systematic shift, and a float32
     forward of such prompts ends up further from llama.cpp than the int8 one. The
     one exception is a prompt's lm_head: a single row, free in float32, where int8
-    rounding would only add noise llama.cpp's logits do not share.
+    rounding would only add noise llama.cpp's logits do not share. (A prompt's matmuls
+    against 32-element-block types run the float kernel on the int8-rounded activations:
+    same values, faster there; see _mm.)
 
     exact=True keeps every matmul in float32 (each weight dequantized exactly) and
     K/V in float32, for stage-by-stage comparison with a float reference."""

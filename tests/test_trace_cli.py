@@ -109,6 +109,25 @@ def test_trace_writes_files_manifest_and_stats(models, tmp_path):
     assert (probs[:, np.triu_indices(n, 1)[0], np.triu_indices(n, 1)[1]] == 0).all()
 
 
+def test_trace_exact_captures_the_float32_forward(models, tmp_path):
+    """--exact captures Engine(exact=True)'s values bit for bit; the default capture (int8
+    activations, f16 K/V) is a different forward."""
+    from engine.api import Engine
+    from tests.helpers import KeepSink
+    caps = {}
+    for flag in ((), ("--exact",)):
+        out = tmp_path / ("exact" if flag else "default")
+        res = run_cli("trace", models["qwen2"], "--stages", "ffn_out,lm_head", "--layers", "1", "--out", out, *flag)
+        assert res.returncode == 0, res.stderr
+        caps[bool(flag)] = {n: np.asarray(read_aprt(out / n).values) for n in ("layer-1/ffn_out.bin", "lm_head.bin")}
+    eng = Engine(models["qwen2"], exact=True)
+    sink = KeepSink()
+    eng.forward(eng.prompt_ids("What is 2+2?"), sink=sink)
+    np.testing.assert_array_equal(caps[True]["layer-1/ffn_out.bin"], sink.kept["ffn_out", 1].ravel())
+    np.testing.assert_array_equal(caps[True]["lm_head.bin"], sink.kept["lm_head", None].ravel())
+    assert not np.array_equal(caps[False]["layer-1/ffn_out.bin"], caps[True]["layer-1/ffn_out.bin"])
+
+
 def test_trace_raw_prompt_and_custom_prompt(models, tmp_path):
     from engine.api import Engine
     eng = Engine(models["qwen2"])
