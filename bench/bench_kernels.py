@@ -4,7 +4,9 @@
     python -m pytest bench/bench_kernels.py -k "Q4_K and matvec"
 
 - matvec (1 token, decode) and matmul (128 tokens, prefill) for every quant type on the
-  1.5B's matrix shapes (random blocks with finite scales: speed does not depend on values);
+  1.5B's matrix shapes (random blocks with finite scales: speed does not depend on values),
+  float32 activations (`matmul`, the exact path) and int8 ones (`matmul_int8` including the
+  activations' quantization, the default path);
 - one decode step and one 128-token prefill forward of each real model in the model cache.
 Threads: NUMBA_NUM_THREADS / the default (all cores); set OPENBLAS_NUM_THREADS=1.
 """
@@ -17,7 +19,7 @@ import pytest
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from kernels.matmul import matmul  # noqa: E402
+from kernels.matmul import Int8Activations, int8_kind, matmul, matmul_int8  # noqa: E402
 from kernels.quants import GGML_TYPES, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, type_name  # noqa: E402
 
 TYPES = (Q4_K, Q6_K, Q4_1, Q5_0, Q8_0)
@@ -70,6 +72,25 @@ def test_matmul_128(benchmark, qtype, shape_name):
     benchmark.group = f"matmul 128 tokens {shape_name}"
     benchmark.extra_info["MACs"] = macs
     benchmark.pedantic(matmul, args=(w, qtype, x, out), rounds=5, iterations=1, warmup_rounds=1)
+
+
+def _int8(w, qtype, x, out, acts):
+    matmul_int8(w, qtype, acts.quantize(x, int8_kind(qtype, x.shape[1])), out)
+
+
+@pytest.mark.parametrize("n", [1, 128])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("qtype", TYPES, ids=type_name)
+def test_int8(benchmark, qtype, shape_name, n):
+    if n == 128 and "lm_head" in shape_name:
+        pytest.skip("a prompt's lm_head is one row")
+    w, x, out, macs = _case("matvec" if n == 1 else "matmul", qtype, shape_name)
+    acts = Int8Activations()
+    _int8(w, qtype, x, out, acts)  # compile / load from cache
+    benchmark.group = f"int8 {n} token{'s' * (n > 1)} {shape_name}"
+    benchmark.extra_info["MACs"] = macs
+    benchmark.pedantic(_int8, args=(w, qtype, x, out, acts), rounds=10 if "lm_head" in shape_name or n > 1 else 30,
+                       iterations=1, warmup_rounds=1)
 
 
 MODELS = ("qwen2.5-coder-1.5b-q4_k_m", "qwen2.5-coder-0.5b-q4_k_m", "smollm2-135m-q4_1")
