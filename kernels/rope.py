@@ -12,24 +12,24 @@ def rope_inv_freq(n_rot: int, base: float) -> np.ndarray:
 def _rope_row(x, positions, n_heads, head_dim, n_rot, inv_freq, neox, out, t):
     half = n_rot // 2
     p = np.float64(positions[t])
-    for h in range(n_heads):
-        base = h * head_dim
-        for i in range(half):
-            ang = p * inv_freq[i]
-            c = np.float32(np.cos(ang))
-            s = np.float32(np.sin(ang))
+    for i in range(half):   # each angle's cos/sin once, for every head
+        ang = p * inv_freq[i]
+        c = np.float32(np.cos(ang))
+        s = np.float32(np.sin(ang))
+        for h in range(n_heads):
             if neox:
-                a = base + i
-                b = base + i + half
+                a = h * head_dim + i
+                b = a + half
             else:
-                a = base + 2 * i
+                a = h * head_dim + 2 * i
                 b = a + 1
             x0 = x[t, a]
             x1 = x[t, b]
             out[t, a] = x0 * c - x1 * s
             out[t, b] = x0 * s + x1 * c
+    for h in range(n_heads):
         for i in range(n_rot, head_dim):
-            out[t, base + i] = x[t, base + i]
+            out[t, h * head_dim + i] = x[t, h * head_dim + i]
 
 
 @njit(cache=True, parallel=True)
