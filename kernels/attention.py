@@ -53,7 +53,18 @@ def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
             srow, prow = scores[h, t], probs[h, t]
             s = srow[:keys]
             s[:] = 0.0
-            for i in range(head_dim):
+            rows4 = head_dim - head_dim % 4
+            for i in range(0, rows4, 4):   # four key dims per pass over s, still summed in order
+                q0, q1, q2, q3 = qh[i], qh[i + 1], qh[i + 2], qh[i + 3]
+                k0, k1, k2, k3 = k_t[i, :keys], k_t[i + 1, :keys], k_t[i + 2, :keys], k_t[i + 3, :keys]
+                for j in range(keys):
+                    acc = s[j]
+                    acc += q0 * k0[j]
+                    acc += q1 * k1[j]
+                    acc += q2 * k2[j]
+                    acc += q3 * k3[j]
+                    s[j] = acc
+            for i in range(rows4, head_dim):
                 qi = qh[i]
                 kr = k_t[i, :keys]
                 for j in range(keys):
