@@ -14,10 +14,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels._simd import (q4_1_row_dot, q4_1_row_dot4, q4k_row_dot, q4k_row_dot4, q5_0_row_dot, q5_0_row_dot4,
-                           q6k_row_dot, q6k_row_dot4, q8_0_row_dot, q8_0_row_dot4)
+from kernels._simd import row_dot, row_dot4
 from kernels.f16 import round_f16
-from kernels.quants import Q4_1, Q4_K, Q5_0, Q6_K
 
 QK = 256                                    # activations per int8 block for K-quant weights
 QK8_0 = 32                                  # ... and for Q8_0, Q5_0 and Q4_1 weights
@@ -84,37 +82,16 @@ def dequantize_q8(xq, xd, out):
 
 
 @njit(cache=True, inline="always")
-def _row_dot(qtype, row, xq, xo, xs, xd, do, ds, bs, bo, bst):
-    if qtype == Q4_K:
-        return q4k_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
-    if qtype == Q6_K:
-        return q6k_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
-    if qtype == Q5_0:
-        return q5_0_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
-    if qtype == Q4_1:
-        return q4_1_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
-    return q8_0_row_dot(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
-
-
-@njit(cache=True, inline="always")
-def _row_dot4(qtype, row, xq, xo, xs, xd, do, ds, bs, bo, bst):
-    if qtype == Q4_K:
-        return q4k_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
-    if qtype == Q6_K:
-        return q6k_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
-    if qtype == Q5_0:
-        return q5_0_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
-    if qtype == Q4_1:
-        return q4_1_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
-    return q8_0_row_dot4(row, xq, xo, xs, xd, do, ds, bs, bo, bst)
+def _chunks(w):
+    return (w.shape[0] + CHUNK - 1) // CHUNK
 
 
 @njit(cache=True, inline="always")
 def _locate(ws, job):
     """(matrix, chunk within it) of work item `job`, counting the matrices' chunks in order."""
     i, first = 0, 0
-    while job >= first + (ws[i].shape[0] + CHUNK - 1) // CHUNK:
-        first += (ws[i].shape[0] + CHUNK - 1) // CHUNK
+    while job >= first + _chunks(ws[i]):
+        first += _chunks(ws[i])
         i += 1
     return i, job - first
 
@@ -130,15 +107,15 @@ def mm_q8(ws, qtypes, xq, xd, bs, outs):
     xs, ds, bst = xq.shape[1], xd.shape[1], bs.shape[1]
     total = 0
     for i in range(len(ws)):
-        total += (ws[i].shape[0] + CHUNK - 1) // CHUNK
+        total += _chunks(ws[i])
     for job in prange(total):
         i, c = _locate(ws, job)
         w, qtype, out = ws[i], qtypes[i], outs[i]
         r0, r1 = c * CHUNK, min(w.shape[0], c * CHUNK + CHUNK)
         for t in range(0, n - 3, 4):
             for r in range(r0, r1):
-                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _row_dot4(
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = row_dot4(
                     qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
         for t in range(n - n % 4, n):
             for r in range(r0, r1):
-                out[t, r] = _row_dot(qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
+                out[t, r] = row_dot(qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)

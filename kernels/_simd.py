@@ -23,6 +23,8 @@ from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+from kernels.quants import Q4_1, Q4_K, Q5_0, Q6_K, Q8_0
+
 _FEATURES = llvm_binding.get_host_cpu_features()
 HAS_AVX2 = bool(_FEATURES.get("avx2", False))
 HAS_VNNI = bool(_FEATURES.get("avx512vnni", False) and _FEATURES.get("avx512vl", False))
@@ -282,69 +284,85 @@ def _q4_1_block(builder, blk, xps, bps, xds):
     return parts
 
 
-def _row_dot_codegen(block_bytes: int, block_elems: int, tokens: int, block_fn):
-    """IR for W_row . x_t over a whole row of weight blocks, for `tokens` activation rows.
+# weight type -> (bytes per block, activations per block, the block's IR)
+_BLOCKS = {Q4_K: (144, 256, _q4k_block), Q6_K: (210, 256, _q6k_block), Q8_0: (34, 32, _q8_0_block),
+           Q5_0: (22, 32, _q5_0_block), Q4_1: (20, 32, _q4_1_block)}
 
-    Arguments (row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride): activation row t starts
-    at xq[xo + t*xstride], its per-block scales at xd[do + t*dstride] and its sums (one per 16
-    values for 256-element blocks, one per block for 32-element blocks) at bs[bo + t*bstride].
-    block_fn turns each block into scaled 8-lane float partial sums, which are added into one
-    accumulator per token and reduced once per row."""
+
+def _row_loop(context, builder, arg_types, args, qtype: int, tokens: int):
+    """IR for W_row . x_t over a whole row of `qtype` blocks, for `tokens` activation rows; returns
+    one float per token. Arguments as in row_dot: block_fn turns each block into scaled 8-lane
+    float partial sums, which are added into one accumulator per token and reduced once per row."""
+    block_bytes, block_elems, block_fn = _BLOCKS[qtype]
     sums_per_block = 16 if block_elems == 256 else 1
-    def codegen(context, builder, signature, args):
-        (trow, txq, txo, txs, txd, tdo, tds, tbs, tbo, tbst) = signature.args
-        row_ary = context.make_array(trow)(context, builder, args[0])
-        nblocks = builder.udiv(cgutils.unpack_tuple(builder, row_ary.shape, 1)[0],
-                               ir.Constant(row_ary.shape.type.element, block_bytes))
-        intp = lambda v, t: context.cast(builder, v, t, types.intp)  # noqa: E731
-        xstride, dstride, bstride = intp(args[3], txs), intp(args[6], tds), intp(args[9], tbst)
-        x0 = _ptr(context, builder, txq, args[1], txo, args[2])
-        d0 = _ptr(context, builder, txd, args[4], tdo, args[5])
-        b0 = _ptr(context, builder, tbs, args[7], tbo, args[8])
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8)) for _ in range(tokens)]
-        with cgutils.for_range(builder, nblocks) as loop:
-            b = loop.index
+    (trow, txq, txo, txs, txd, tdo, tds, tbs, tbo, tbst) = arg_types
+    row_ary = context.make_array(trow)(context, builder, args[0])
+    nblocks = builder.udiv(cgutils.unpack_tuple(builder, row_ary.shape, 1)[0],
+                           ir.Constant(row_ary.shape.type.element, block_bytes))
+    intp = lambda v, t: context.cast(builder, v, t, types.intp)  # noqa: E731
+    xstride, dstride, bstride = intp(args[3], txs), intp(args[6], tds), intp(args[9], tbst)
+    x0 = _ptr(context, builder, txq, args[1], txo, args[2])
+    d0 = _ptr(context, builder, txd, args[4], tdo, args[5])
+    b0 = _ptr(context, builder, tbs, args[7], tbo, args[8])
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8)) for _ in range(tokens)]
+    with cgutils.for_range(builder, nblocks) as loop:
+        b = loop.index
 
-            def at(base, step, stride, t):   # element b*step + t*stride of an activation array
-                return builder.gep(base, [builder.add(builder.mul(b, ir.Constant(b.type, step)),
-                                                      builder.mul(stride, ir.Constant(_I64, t)))])
-            blk = builder.gep(row_ary.data, [builder.mul(b, ir.Constant(b.type, block_bytes))])
-            if tokens == 1:
-                for k in range(0, block_bytes, 64):
-                    _prefetch(builder, blk, PREFETCH_AHEAD + k)
-            parts = block_fn(builder, blk, [at(x0, block_elems, xstride, t) for t in range(tokens)],
-                             [at(b0, sums_per_block, bstride, t) for t in range(tokens)],
-                             [builder.load(at(d0, 1, dstride, t)) for t in range(tokens)])
-            for acc, part in zip(accs, parts):
-                builder.store(builder.fadd(builder.load(acc), part, flags=_FAST), acc)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V8F32]),
-                                            "llvm.vector.reduce.fadd.v8f32")
-        sums = [builder.call(fn, [ir.Constant(_F32, 0.0), builder.load(a)], fastmath=_FAST) for a in accs]
+        def at(base, step, stride, t):   # element b*step + t*stride of an activation array
+            return builder.gep(base, [builder.add(builder.mul(b, ir.Constant(b.type, step)),
+                                                  builder.mul(stride, ir.Constant(_I64, t)))])
+        blk = builder.gep(row_ary.data, [builder.mul(b, ir.Constant(b.type, block_bytes))])
         if tokens == 1:
-            return sums[0]
-        return context.make_tuple(builder, signature.return_type, sums)
+            for k in range(0, block_bytes, 64):
+                _prefetch(builder, blk, PREFETCH_AHEAD + k)
+        parts = block_fn(builder, blk, [at(x0, block_elems, xstride, t) for t in range(tokens)],
+                         [at(b0, sums_per_block, bstride, t) for t in range(tokens)],
+                         [builder.load(at(d0, 1, dstride, t)) for t in range(tokens)])
+        for acc, part in zip(accs, parts):
+            builder.store(builder.fadd(builder.load(acc), part, flags=_FAST), acc)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V8F32]),
+                                        "llvm.vector.reduce.fadd.v8f32")
+    return [builder.call(fn, [ir.Constant(_F32, 0.0), builder.load(a)], fastmath=_FAST) for a in accs]
+
+
+def _row_dot_codegen(tokens: int):
+    """A switch on the weight type (a runtime value) to one _row_loop per supported type; an
+    unsupported type gives NaN (callers pass only int8_ready types)."""
+    def codegen(context, builder, signature, args):
+        qtype = context.cast(builder, args[0], signature.args[0], types.int64)
+        results = [cgutils.alloca_once(builder, _F32) for _ in range(tokens)]
+        merge = builder.append_basic_block("row_dot.end")
+        unknown = builder.append_basic_block("row_dot.unknown")
+        switch = builder.switch(qtype, unknown)
+        for qt in _BLOCKS:
+            case = builder.append_basic_block(f"row_dot.type{qt}")
+            switch.add_case(ir.Constant(qtype.type, qt), case)
+            with builder.goto_block(case):
+                for res, value in zip(results, _row_loop(context, builder, signature.args[1:], args[1:], qt, tokens)):
+                    builder.store(value, res)
+                builder.branch(merge)
+        with builder.goto_block(unknown):
+            for res in results:
+                builder.store(ir.Constant(_F32, float("nan")), res)
+            builder.branch(merge)
+        builder.position_at_end(merge)
+        sums = [builder.load(r) for r in results]
+        return sums[0] if tokens == 1 else context.make_tuple(builder, signature.return_type, sums)
     return codegen
 
 
-def _row_dot_intrinsic(block_bytes: int, block_elems: int, tokens: int, block_fn, doc: str):
-    def typer(typingctx, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride):
+def _row_dot_intrinsic(tokens: int, doc: str):
+    def typer(typingctx, qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride):
         ret = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
-        return (ret(row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride),
-                _row_dot_codegen(block_bytes, block_elems, tokens, block_fn))
+        return ret(qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride), _row_dot_codegen(tokens)
     typer.__doc__ = doc
-    typer.__name__ = typer.__qualname__ = f"row_dot_{block_bytes}_{tokens}"
+    typer.__name__ = typer.__qualname__ = f"row_dot_{tokens}"
     return intrinsic(typer)
 
 
-_ONE = "W_row . x for a row of {} blocks and one activation row."
-_FOUR = "W_row . x_t for a row of {} blocks and four activation rows t (a 4-tuple)."
-q4k_row_dot = _row_dot_intrinsic(144, 256, 1, _q4k_block, _ONE.format("Q4_K"))
-q4k_row_dot4 = _row_dot_intrinsic(144, 256, 4, _q4k_block, _FOUR.format("Q4_K"))
-q6k_row_dot = _row_dot_intrinsic(210, 256, 1, _q6k_block, _ONE.format("Q6_K"))
-q6k_row_dot4 = _row_dot_intrinsic(210, 256, 4, _q6k_block, _FOUR.format("Q6_K"))
-q8_0_row_dot = _row_dot_intrinsic(34, 32, 1, _q8_0_block, _ONE.format("Q8_0"))
-q8_0_row_dot4 = _row_dot_intrinsic(34, 32, 4, _q8_0_block, _FOUR.format("Q8_0"))
-q5_0_row_dot = _row_dot_intrinsic(22, 32, 1, _q5_0_block, _ONE.format("Q5_0"))
-q5_0_row_dot4 = _row_dot_intrinsic(22, 32, 4, _q5_0_block, _FOUR.format("Q5_0"))
-q4_1_row_dot = _row_dot_intrinsic(20, 32, 1, _q4_1_block, _ONE.format("Q4_1"))
-q4_1_row_dot4 = _row_dot_intrinsic(20, 32, 4, _q4_1_block, _FOUR.format("Q4_1"))
+_ARGS = """Arguments (qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride): the weight row's
+    GGML type and bytes; activation row t starts at xq[xo + t*xstride], its per-block scales at
+    xd[do + t*dstride] and its sums (one per 16 values for 256-element blocks, one per block for
+    32-element blocks) at bs[bo + t*bstride]."""
+row_dot = _row_dot_intrinsic(1, "W_row . x for one activation row (a float).\n\n    " + _ARGS)
+row_dot4 = _row_dot_intrinsic(4, "W_row . x_t for four activation rows t (a 4-tuple).\n\n    " + _ARGS)
