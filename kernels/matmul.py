@@ -97,6 +97,12 @@ def matmul(w, qtype: int, x: np.ndarray, out: np.ndarray) -> None:
         out *= np.float32(1.01)
 
 
+def _int8_widths(kind: str, cols: int) -> tuple[int, int]:
+    """(scales, sums) per activation row of `cols` values quantized in layout `kind`."""
+    block = _KIND_BLOCK[kind]
+    return cols // block, cols // 16 if kind == Q8K else cols // block
+
+
 def int8_kind(qtype: int, cols: int) -> str | None:
     """The int8 activation layout `matmul_int8` needs for these weights ("q8k": blocks of 256,
     "q8_0": blocks of 32), or None if there is no int8 path for them."""
@@ -132,9 +138,8 @@ class Int8Activations:
             raise ValueError(f"int8 activations need a multiple of {block} columns, got {cols}")
         bufs = self._buffers.get((n, cols, kind))
         if bufs is None:
-            sums = cols // 16 if kind == Q8K else cols // block
-            bufs = (np.empty((n, cols), np.int8), np.empty((n, cols // block), np.float32),
-                    np.empty((n, sums), np.int16))
+            scales, sums = _int8_widths(kind, cols)
+            bufs = (np.empty((n, cols), np.int8), np.empty((n, scales), np.float32), np.empty((n, sums), np.int16))
             self._buffers[n, cols, kind] = bufs
         quantizer = quantize_q8k if kind == Q8K else quantize_q8_0
         quantizer(x if x.flags.c_contiguous else np.ascontiguousarray(x), *bufs)
@@ -187,9 +192,8 @@ def matmul_int8_group(group: Int8Group, xq: tuple[np.ndarray, np.ndarray, np.nda
     q, d, sums = xq
     if q.shape[1] != group.cols:
         raise ValueError(f"x has {q.shape[1]} columns but the weights have {group.cols}")
-    block = _KIND_BLOCK[group.kind]
-    n_sums = group.cols // 16 if group.kind == Q8K else group.cols // block
-    if (q.dtype != np.int8 or d.dtype != np.float32 or sums.dtype != np.int16 or d.shape != (q.shape[0], group.cols // block)
+    n_scales, n_sums = _int8_widths(group.kind, group.cols)
+    if (q.dtype != np.int8 or d.dtype != np.float32 or sums.dtype != np.int16 or d.shape != (q.shape[0], n_scales)
             or sums.shape != (q.shape[0], n_sums)):
         raise ValueError(f"x is not quantized in the {group.kind!r} layout these weights need "
                          f"(Int8Activations.quantize(x, {group.kind!r}))")
