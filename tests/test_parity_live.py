@@ -18,11 +18,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine.benchmark import _llama_last_logits
 from tests.conftest import engine_for, model_file
 from tests.test_llama_trace import needs_llama
 from tests.test_parity_llamacpp import LOGIT_COSINE, LOGIT_MAX_ABS, LOGIT_MEAN_ABS
 
-KEYS = ("qwen2.5-coder-1.5b-q4_k_m",)
+KEY = "qwen2.5-coder-1.5b-q4_k_m"
 PROMPTS = {
     "repeat_word": "yes " * 60,
     "repeat_phrase": "One two three four. " * 25,
@@ -40,46 +41,28 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def llama_for():
-    """key -> a llama.cpp model with the reference's settings (one loaded at a time, closed at the end)."""
+def llama():
+    """llama.cpp on the same file with the reference's settings, closed at the end."""
     from llama_cpp import Llama
-    loaded = {}
-
-    def get(key):
-        if key not in loaded:
-            for llm in loaded.values():
-                llm.close()
-            loaded.clear()
-            loaded[key] = Llama(str(model_file(key)), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=2,
-                                n_threads_batch=2, flash_attn=False, n_gpu_layers=0, verbose=False)
-        return loaded[key]
-    yield get
-    for llm in loaded.values():
-        llm.close()
-
-
-def llama_step0(llm, ids) -> np.ndarray:
-    import llama_cpp
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), True)
-    llm.n_tokens = 0
-    llm._batch.set_batch(batch=list(ids), n_past=0, logits_all=False)
-    llm._ctx.decode(llm._batch)
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)).copy()
+    llm = Llama(str(model_file(KEY)), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=2, n_threads_batch=2,
+                flash_attn=False, n_gpu_layers=0, verbose=False)
+    yield llm
+    llm.close()
 
 
 @needs_llama
 @pytest.mark.model
-@pytest.mark.parametrize("key", KEYS)
 @pytest.mark.parametrize("name", list(PROMPTS))
-def test_step0_logits_close_to_live_llamacpp(llama_for, key, name):
-    llama = llama_for(key)
-    eng = engine_for(key)
+def test_step0_logits_close_to_live_llamacpp(llama, name):
+    eng = engine_for(KEY)
     ids = eng.prompt_ids(PROMPTS[name], raw=True)
     assert ids == llama.tokenize(PROMPTS[name].encode(), add_bos=False, special=True)
-    want = llama_step0(llama, ids).astype(np.float64)
+    llama.reset()
+    llama.eval(ids)          # one decode (ids fit one batch), logits for the last position only
+    want = _llama_last_logits(llama).astype(np.float64)
     got = eng.forward(ids)[0].astype(np.float64)
     d = np.abs(got - want)
     cos = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
     print(f"{name}: {len(ids)} tokens, max {d.max():.3f} mean {d.mean():.4f} cosine {cos:.5f}")
-    assert d.max() <= LOGIT_MAX_ABS[key] and d.mean() <= LOGIT_MEAN_ABS[key] and cos >= LOGIT_COSINE[key], \
+    assert d.max() <= LOGIT_MAX_ABS[KEY] and d.mean() <= LOGIT_MEAN_ABS[KEY] and cos >= LOGIT_COSINE[KEY], \
         f"max {d.max():.3f} mean {d.mean():.4f} cosine {cos:.5f}"
