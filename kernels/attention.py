@@ -30,12 +30,17 @@ def store_kv(k, v, k_cache, v_cache, pos0, n_kv_heads, head_dim, f16=False):
 # fast-math licence needed and results match a plain float32 loop to rounding.
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
-              scores, probs, out):
+              scores, probs, out, f64_scores=False):
     """Softmax(q K^T * scale) V for queries at positions pos0..pos0+n-1.
 
     q: [n, n_heads*head_dim]; caches as written by store_kv, already holding
     positions 0..pos0+n-1. scores/probs: [n_heads, n, pos0+n], masked (future)
     entries written as 0. out: [n, n_heads*head_dim].
+
+    f64_scores: sum each q.k in float64, then round the scaled score to float32. Scores can
+    be large and close together (the Qwen 1.5B's layer 0: ~11,800 +- 50 across a row), where
+    a float32 sum's rounding (~0.005) moves the probabilities by ~1e-3; a float64 sum leaves
+    only the score's own float32 rounding (~5e-4). Slower (one key at a time): exact mode.
 
     One work item is one (KV head, query) pair and serves all the query heads that
     share that KV head, so a decode step splits evenly over the KV heads.
@@ -52,26 +57,34 @@ def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
             qh = q[t, h * head_dim:(h + 1) * head_dim]
             srow, prow = scores[h, t], probs[h, t]
             s = srow[:keys]
-            s[:] = 0.0
-            rows4 = head_dim - head_dim % 4
-            for i in range(0, rows4, 4):   # four key dims per pass over s, still summed in order
-                q0, q1, q2, q3 = qh[i], qh[i + 1], qh[i + 2], qh[i + 3]
-                k0, k1, k2, k3 = k_t[i, :keys], k_t[i + 1, :keys], k_t[i + 2, :keys], k_t[i + 3, :keys]
+            if f64_scores:
                 for j in range(keys):
-                    acc = s[j]
-                    acc += q0 * k0[j]
-                    acc += q1 * k1[j]
-                    acc += q2 * k2[j]
-                    acc += q3 * k3[j]
-                    s[j] = acc
-            for i in range(rows4, head_dim):
-                qi = qh[i]
-                kr = k_t[i, :keys]
+                    acc64 = 0.0
+                    for i in range(head_dim):
+                        acc64 += np.float64(qh[i]) * np.float64(k_t[i, j])
+                    s[j] = np.float32(acc64 * scale)
+            else:
+                s[:] = 0.0
+                rows4 = head_dim - head_dim % 4
+                for i in range(0, rows4, 4):   # four key dims per pass over s, still summed in order
+                    q0, q1, q2, q3 = qh[i], qh[i + 1], qh[i + 2], qh[i + 3]
+                    k0, k1, k2, k3 = k_t[i, :keys], k_t[i + 1, :keys], k_t[i + 2, :keys], k_t[i + 3, :keys]
+                    for j in range(keys):
+                        acc = s[j]
+                        acc += q0 * k0[j]
+                        acc += q1 * k1[j]
+                        acc += q2 * k2[j]
+                        acc += q3 * k3[j]
+                        s[j] = acc
+                for i in range(rows4, head_dim):
+                    qi = qh[i]
+                    kr = k_t[i, :keys]
+                    for j in range(keys):
+                        s[j] += qi * kr[j]
                 for j in range(keys):
-                    s[j] += qi * kr[j]
+                    s[j] *= scale32
             mx = np.float32(-np.inf)
             for j in range(keys):
-                s[j] *= scale32
                 mx = max(mx, s[j])
             for j in range(keys):
                 prow[j] = expf(s[j] - mx)

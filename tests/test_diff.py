@@ -252,7 +252,7 @@ def test_compare_values():
     s = compare(a, b)
     assert (s["n"], s["max_abs_diff"], s["argmax"], s["nan_mismatch"], s["n_bad"]) == (4, 2.0, 3, 0, 2)
     assert s["rms_diff"] == pytest.approx(math.sqrt((0.25 + 4.0) / 4))
-    assert s["cosine"] == pytest.approx(float(a @ b) / (np.linalg.norm(a.astype(float)) * np.linalg.norm(b.astype(float))))
+    assert s["cosine"] == pytest.approx(float(a.astype(float) @ b.astype(float)) / (np.linalg.norm(a.astype(float)) * np.linalg.norm(b.astype(float))))
 
 
 def test_compare_zero_vectors_and_infinities():

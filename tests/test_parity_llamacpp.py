@@ -99,7 +99,8 @@ def test_step0_logits_close(key, case):
     ref = np.load(reference_dir(key) / case["logits_file"])
     eng = engine_for(key)
     ours = eng.forward(case["prompt_ids"])[0]
-    diff = np.abs(ours.astype(np.float64) - ref)
+    ours, ref = ours.astype(np.float64), ref.astype(np.float64)
+    diff = np.abs(ours - ref)
     cos = float(np.dot(ours, ref) / (np.linalg.norm(ours) * np.linalg.norm(ref)))
     print(f"{key}/{case['name']}: max|diff| {diff.max():.4f} mean {diff.mean():.4f} cosine {cos:.6f}")
     assert diff.max() <= LOGIT_MAX_ABS[key]
