@@ -16,3 +16,27 @@ def test_in_process_trace_is_ours():
     import trace
     assert hasattr(trace, "IS_NUMGGUF_TRACE")
     assert Path(trace.__file__).resolve().parent == REPO / "trace"
+
+
+def _imported_packages(path: Path) -> set[str]:
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_imports_point_one_way():
+    """kernels <- engine <- trace <- cli (DESIGN.md): no module imports a layer above its own,
+    and no fail point lives in kernels/."""
+    above = {"kernels": {"engine", "trace", "cli", "contracts"}, "engine": {"trace", "cli", "contracts"},
+             "trace": {"cli", "contracts"}}
+    for package, forbidden in above.items():
+        for path in sorted((REPO / package).glob("*.py")):
+            bad = _imported_packages(path) & forbidden
+            assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+    for path in sorted((REPO / "kernels").glob("*.py")):
+        assert "failpoints" not in path.read_text(), f"{path.relative_to(REPO)} holds a fail point"
