@@ -13,8 +13,10 @@ import os
 ENV = "NUMGGUF_FAILPOINTS"
 
 CATALOGUE: dict[str, str] = {
-    "quant.matmul_scale": "kernels.matmul.matmul scales its output by 1.01",
-    "quant.get_rows_ulp": "kernels.matmul.get_rows moves each row's last value up by one ulp",
+    # kernels/ hold no fail points: these two act on what the forward (engine.forward) and the
+    # kernel tests (tests/test_quant_kernels.py, through its wrappers) receive from the kernels
+    "quant.matmul_scale": "every quantized matmul's output is scaled by 1.01",
+    "quant.get_rows_ulp": "each embedding row's last value moves up by one ulp",
     "aprt.header_layer": "trace.aprt writes the layer field off by one",
     "aprt.nan_canonical": "trace.aprt.write_aprt replaces NaN payloads by the canonical quiet NaN",
     "sink.copy": "TraceSink.buffer hands out scratch and copies it into the file at finish",
@@ -24,6 +26,10 @@ CATALOGUE: dict[str, str] = {
     "tokenizer.no_special": "encode ignores parse_special=True",
     "forward.decode_position": "a one-token forward ropes at position 0 instead of pos0",
     "forward.attn_scale": "the forward scales attention logits by 1.5 too much",
+    "forward.kv_slot": "a decode step writes its K/V into the cache slot after its own position",
+    "forward.decode_mask": "a decode step's attention mask is off by one: the token does not see itself",
+    "session.stale_cache": "a new session reuses its engine's previous session's KV cache and does not rewrite "
+                           "the positions that session left",
     "cli.tokenize_special": "`cli tokenize --special` does not parse special tokens",
 }
 

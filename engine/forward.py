@@ -1,4 +1,4 @@
-"""The transformer forward: one function over preallocated run state and a sink.
+"""The transformer forward: one function over a loaded model and a session's run state.
 
 Every stage's values are computed into `sink.buffer(stage, layer, shape)`, so a
 trace sink can hand out memory-mapped file windows and capture them with no copy.
@@ -9,7 +9,6 @@ import numpy as np
 
 from engine import failpoints
 from engine.errors import EngineError
-from engine.kv_cache import KVCache
 from engine.model import Config, Weights
 from kernels.attention import attention, store_kv
 from kernels import elementwise, norm
@@ -62,13 +61,13 @@ class Model:
     same values, faster there; see _mm.)
 
     exact=True keeps every matmul in float32 (each weight dequantized exactly) and
-    K/V in float32, for stage-by-stage comparison with a float reference."""
+    K/V in float32, and sums attention scores in float64 (see kernels.attention), for
+    stage-by-stage comparison with a float reference."""
 
     def __init__(self, cfg: Config, weights: Weights, exact: bool = False):
         self.cfg = cfg
         self.weights = weights
         self.exact = exact
-        self.int8 = Int8Activations()
         self.plans = [LayerPlan(layer, exact) for layer in weights.layers]
         self.output_decode = SharedInput(exact, weights.output)
         self.output_prompt = SharedInput(True, weights.output)
@@ -103,30 +102,37 @@ def silu_and_swiglu(gate, up, silu_out, swiglu_out):
         gate, up, silu_out, swiglu_out)
 
 
-def _mm(model: Model, x, plan: SharedInput, *pairs):
-    """out = x @ W.T for each (W, out) pair, as `plan` says (int8 groups, then float32)."""
+def _mm(int8: Int8Activations, x, plan: SharedInput, *pairs):
+    """out = x @ W.T for each (W, out) pair, as `plan` says (int8 groups, then float32);
+    `int8` holds the session's int8 activation buffers."""
     for kind, group, idx in plan.groups:
         if kind == Q8_0_ACT and x.shape[0] > 1:
             # Prompts against 32-element blocks: the integer kernel pays a float scale per 32
             # products per token and is slower than the batched float32 kernel (0.5B gate, 128
             # tokens: 56 vs 83 GMAC/s), so the float kernel gets x rounded to the same int8 grid.
-            rounded = model.int8.rounded(x, kind)
+            rounded = int8.rounded(x, kind)
             for i in idx:
                 matmul(pairs[i][0].data, pairs[i][0].qtype, rounded, pairs[i][1])
         else:
-            matmul_int8_group(group, model.int8.quantize(x, kind), [pairs[i][1] for i in idx])
+            matmul_int8_group(group, int8.quantize(x, kind), [pairs[i][1] for i in idx])
     for i in plan.float_idx:
         w, out = pairs[i]
         matmul(w.data, w.qtype, x, out)
+    if failpoints.active("quant.matmul_scale"):
+        for _, out in pairs:
+            out *= np.float32(1.01)
 
 
-def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_logits: bool = False):
-    """Run tokens (int array [n]) at positions pos0..pos0+n-1; return logits.
+def forward(model: Model, session, tokens: np.ndarray, pos0: int, sink=None, all_logits: bool = False):
+    """Run tokens (int array [n]) at positions pos0..pos0+n-1 of `session`; return logits.
 
-    The KV cache must hold positions 0..pos0-1. Returns the lm_head buffer:
-    [n, vocab] if all_logits else [1, vocab] (last position only).
+    The session's KV cache must hold positions 0..pos0-1; the forward writes positions
+    pos0..pos0+n-1 into it. Stages are computed into `sink` (default: the session's).
+    Returns the lm_head buffer: [n, vocab] if all_logits else [1, vocab] (last position only).
     """
     cfg, w = model.cfg, model.weights
+    kv, int8 = session.kv, session.int8
+    sink = session.sink if sink is None else sink
     n = len(tokens)
     if n == 0:
         raise EngineError("forward: no tokens")
@@ -134,20 +140,35 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
         raise EngineError(f"context full: {pos0 + n} tokens exceed the context size {kv.n_ctx}")
     if tokens.min() < 0 or tokens.max() >= cfg.vocab:
         raise EngineError(f"token id out of range [0, {cfg.vocab})")
+    kv.reserve(pos0 + n)
+    begin = getattr(sink, "begin", None)
+    if begin is not None:
+        begin(pos0, n)
     positions = kv.positions[pos0:pos0 + n]
-    if n == 1 and failpoints.active("forward.decode_position"):
-        positions = kv.positions[0:1]
+    # planted faults (engine.failpoints; off unless NUMGGUF_FAILPOINTS names them)
+    kv_pos0 = attn_pos0 = pos0
+    if n == 1 and pos0 > 0:
+        if failpoints.active("forward.decode_position"):
+            positions = kv.positions[0:1]
+        if failpoints.active("forward.kv_slot") and pos0 + 1 < kv.n_ctx:
+            kv.reserve(pos0 + 2)
+            kv_pos0 = pos0 + 1
+        if failpoints.active("forward.decode_mask"):
+            attn_pos0 = pos0 - 1   # the query sees keys 0..pos0-1: itself masked out
+    skip_kv = min(max(kv.stale - pos0, 0), n) if failpoints.active("session.stale_cache") else 0
     attn_scale = model.attn_scale * (1.5 if failpoints.active("forward.attn_scale") else 1.0)
     qd, kvd, n_keys = cfg.q_dim, cfg.kv_dim, pos0 + n
 
     x = sink.buffer("embedding", None, (n, cfg.dim))
     get_rows(w.token_embd.data, w.token_embd.qtype, tokens, x)
+    if failpoints.active("quant.get_rows_ulp"):
+        x[:, -1] = np.nextafter(x[:, -1], np.float32(np.inf))
     for li, layer in enumerate(w.layers):
         g = model.plans[li]
         h = sink.buffer("attn_norm", li, (n, cfg.dim))
         rmsnorm(x, layer.attn_norm, cfg.eps, h)
         qkv = sink.buffer("qkv_matmul", li, (n, qd + 2 * kvd))
-        _mm(model, h, g.qkv, (layer.wq, qkv[:, :qd]), (layer.wk, qkv[:, qd:qd + kvd]), (layer.wv, qkv[:, qd + kvd:]))
+        _mm(int8, h, g.qkv, (layer.wq, qkv[:, :qd]), (layer.wk, qkv[:, qd:qd + kvd]), (layer.wv, qkv[:, qd + kvd:]))
         if model.qkv_bias[li] is not None:
             biased = sink.buffer("qkv_bias", li, (n, qd + 2 * kvd))
             add_bias(qkv, model.qkv_bias[li], biased)
@@ -157,27 +178,31 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
         k_rope = sink.buffer("k_post_rope", li, (n, kvd))
         rope(qkv[:, qd:qd + kvd], positions, cfg.n_kv_heads, cfg.head_dim, cfg.n_rot, model.inv_freq,
              cfg.rope_neox, k_rope)
-        store_kv(k_rope, qkv[:, qd + kvd:], kv.k[li], kv.v[li], pos0, cfg.n_kv_heads, cfg.head_dim,
-                 not model.exact)
+        if skip_kv:   # planted fault session.stale_cache: rows an earlier session left are not rewritten
+            store_kv(k_rope[skip_kv:], qkv[skip_kv:, qd + kvd:], kv.k[li], kv.v[li], kv_pos0 + skip_kv,
+                     cfg.n_kv_heads, cfg.head_dim, not model.exact)
+        else:
+            store_kv(k_rope, qkv[:, qd + kvd:], kv.k[li], kv.v[li], kv_pos0, cfg.n_kv_heads, cfg.head_dim,
+                     not model.exact)
         scores = sink.buffer("attn_scores", li, (cfg.n_heads, n, n_keys))
         probs = sink.buffer("attn_softmax", li, (cfg.n_heads, n, n_keys))
         att = sink.buffer("attention", li, (n, qd))
-        attention(q_rope, kv.k[li], kv.v[li], pos0, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                  attn_scale, scores, probs, att)
+        attention(q_rope, kv.k[li], kv.v[li], attn_pos0, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                  attn_scale, scores, probs, att, f64_scores=model.exact)
         att_out = sink.buffer("attn_out", li, (n, cfg.dim))
-        _mm(model, att, g.wo, (layer.wo, att_out))
+        _mm(int8, att, g.wo, (layer.wo, att_out))
         resid = sink.buffer("post_attn_residual", li, (n, cfg.dim))
         add(x, att_out, resid)
         h = sink.buffer("ffn_norm", li, (n, cfg.dim))
         rmsnorm(resid, layer.ffn_norm, cfg.eps, h)
         gate = sink.buffer("ffn_gate", li, (n, cfg.ffn_dim))
         up = sink.buffer("ffn_up", li, (n, cfg.ffn_dim))
-        _mm(model, h, g.gate_up, (layer.w_gate, gate), (layer.w_up, up))
+        _mm(int8, h, g.gate_up, (layer.w_gate, gate), (layer.w_up, up))
         silu = sink.buffer("ffn_silu", li, (n, cfg.ffn_dim))
         swigl = sink.buffer("ffn_swigl", li, (n, cfg.ffn_dim))
         silu_and_swiglu(gate, up, silu, swigl)
         down = sink.buffer("ffn_out", li, (n, cfg.dim))
-        _mm(model, swigl, g.down, (layer.w_down, down))
+        _mm(int8, swigl, g.down, (layer.w_down, down))
         x_next = sink.buffer("post_ffn_residual", li, (n, cfg.dim))
         add(resid, down, x_next)
         x = x_next
@@ -185,5 +210,5 @@ def forward(model: Model, kv: KVCache, tokens: np.ndarray, pos0: int, sink, all_
     rmsnorm(x, w.output_norm, cfg.eps, normed)
     rows = normed if all_logits else normed[n - 1:]
     logits = sink.buffer("lm_head", None, (rows.shape[0], cfg.vocab))
-    _mm(model, rows, model.output_decode if n == 1 else model.output_prompt, (w.output, logits))
+    _mm(int8, rows, model.output_decode if n == 1 else model.output_prompt, (w.output, logits))
     return logits

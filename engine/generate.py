@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import EngineError
-from engine.forward import Model, forward
-from engine.kv_cache import KVCache
 from engine.sampling import Sampler
 
 PREFILL_CHUNK = 256  # tokens per prefill forward: bounds scratch memory for long prompts
@@ -34,26 +32,33 @@ class GenStats:
         return steps / self.decode_s if self.decode_s else 0.0
 
 
-def prefill(model: Model, kv: KVCache, ids: np.ndarray, sink, chunk: int = PREFILL_CHUNK) -> np.ndarray:
-    """Run the prompt through the model in chunks; return the last position's logits [vocab]."""
+def prefill(session, ids: np.ndarray, chunk: int = PREFILL_CHUNK) -> np.ndarray:
+    """Run the prompt through the session from position 0 in chunks; return the last
+    position's logits [vocab] (a view of the sink's lm_head buffer)."""
     logits = None
     for start in range(0, len(ids), chunk):
-        logits = forward(model, kv, ids[start:start + chunk], start, sink)
+        logits = session.forward_view(ids[start:start + chunk], start)
     return logits[0]
 
 
-def generate(model: Model, kv: KVCache, prompt_ids, max_tokens: int, sampler: Sampler, sink,
-             stop_ids=frozenset(), stats: GenStats | None = None):
-    """Yield generated token ids until a stop id (yielded too), max_tokens or a full context."""
-    ids = np.asarray(prompt_ids, dtype=np.int64)
+def check_prompt(ids, n_ctx: int) -> None:
+    """Raise unless a generation can start from these prompt ids in a context of n_ctx."""
     if len(ids) == 0:
         raise EngineError("the prompt is empty (0 tokens)")
-    if len(ids) >= kv.n_ctx:
-        raise EngineError(f"the prompt has {len(ids)} tokens; it must be shorter than the context size {kv.n_ctx}")
+    if len(ids) >= n_ctx:
+        raise EngineError(f"the prompt has {len(ids)} tokens; it must be shorter than the context size {n_ctx}")
+
+
+def generate(session, prompt_ids, max_tokens: int, sampler: Sampler, stop_ids=frozenset(),
+             stats: GenStats | None = None):
+    """Yield generated token ids until a stop id (yielded too), max_tokens or a full context."""
+    ids = np.asarray(prompt_ids, dtype=np.int64)
+    n_ctx = session.n_ctx
+    check_prompt(ids, n_ctx)
     stats = stats if stats is not None else GenStats()
     stats.prompt_tokens = len(ids)
     t0 = time.perf_counter()
-    logits = prefill(model, kv, ids, sink)
+    logits = prefill(session, ids)
     stats.prefill_s = time.perf_counter() - t0
     token_buf = np.empty(1, dtype=np.int64)
     pos = len(ids)
@@ -68,12 +73,12 @@ def generate(model: Model, kv: KVCache, prompt_ids, max_tokens: int, sampler: Sa
             return
         if i + 1 == max_tokens:
             break
-        if pos >= kv.n_ctx:
+        if pos >= n_ctx:
             stats.stop_reason = "context full"
             return
         t_step = time.perf_counter()
         token_buf[0] = tok
-        logits = forward(model, kv, token_buf, pos, sink)[0]
+        logits = session.forward_view(token_buf, pos)[0]
         pos += 1
         stats.decode_s += time.perf_counter() - t_step
     stats.stop_reason = "max tokens"

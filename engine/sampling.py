@@ -17,6 +17,7 @@ class Sampler:
         if seed is not None and not (isinstance(seed, (int, np.integer)) and seed >= 0):
             raise EngineError(f"--seed must be a non-negative integer, got {seed}")
         self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
 
     @property

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import failpoints
 from kernels._dequant import dequantize_rows
 from kernels._gemm import gemm
 from kernels._q8 import QK, QK8_0, dequantize_q8, mm_q8, quantize_q8_0, quantize_q8k
@@ -93,8 +92,6 @@ def matmul(w, qtype: int, x: np.ndarray, out: np.ndarray) -> None:
         mv_float(w, qtype, x[0], out[0], F16_TO_F32)
     elif x.shape[0] > 1:
         gemm(w, qtype, x, out, F16_TO_F32)
-    if failpoints.active("quant.matmul_scale"):
-        out *= np.float32(1.01)
 
 
 def _int8_widths(kind: str, cols: int) -> tuple[int, int]:
@@ -208,9 +205,6 @@ def matmul_int8_group(group: Int8Group, xq: tuple[np.ndarray, np.ndarray, np.nda
             mm_q8((w,), (qtype,), q, d, sums, (out,))
     else:
         mm_q8(group.ws, group.qtypes, q, d, sums, tuple(outs))
-    if failpoints.active("quant.matmul_scale"):
-        for out in outs:
-            out *= np.float32(1.01)
 
 def matmul_int8(w, qtype: int, xq: tuple[np.ndarray, np.ndarray, np.ndarray], out: np.ndarray) -> None:
     """out[n, rows] = x @ W.T for Q4_K/Q6_K/Q8_0/Q5_0/Q4_1 weights and x quantized by
@@ -236,8 +230,6 @@ def get_rows(w, qtype: int, ids: np.ndarray, out: np.ndarray) -> None:
         raise ValueError(f"ids out of range [0, {w.shape[0]}): min {ids.min()}, max {ids.max()}")
     out = _float_out(out, (ids.shape[0], cols))
     dequantize_rows(w, qtype, ids.astype(np.int64, copy=False), out, F16_TO_F32)
-    if failpoints.active("quant.get_rows_ulp") and out.size:
-        out[:, -1] = np.nextafter(out[:, -1], np.float32(np.inf))
 
 
 def dequantize(w, qtype, shape) -> np.ndarray:

@@ -23,7 +23,7 @@ def test_every_stage_matches_numpy_reference(key):
     ref = ReferenceModel(model_file(key)).forward(ids, n_layers=None if n_layers == eng.config.n_layers else n_layers)
     sink = KeepSink()
     from engine.forward import forward
-    forward(eng.model, eng.kv, np.asarray(ids), 0, sink)
+    forward(eng.model, eng.session, np.asarray(ids), 0, sink)
     compared = 0
     for (stage, layer), want in ref.items():
         got = sink.kept[stage, layer]

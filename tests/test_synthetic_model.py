@@ -29,7 +29,7 @@ def test_every_stage_matches_numpy_reference(tiny):
     ids = eng.tokenizer.encode(PROMPT)
     ref = ReferenceModel(path).forward(ids)
     sink = KeepSink()
-    forward(eng.model, eng.kv, np.asarray(ids), 0, sink)
+    forward(eng.model, eng.session, np.asarray(ids), 0, sink)
     for (stage, layer), want in ref.items():
         got = sink.kept[stage, layer]
         assert got.shape == want.shape, (stage, layer)
@@ -52,8 +52,8 @@ def test_chunked_prefill_equals_one_shot(tiny):
     from engine.generate import prefill
     _, eng = tiny
     ids = np.asarray(eng.tokenizer.encode(PROMPT * 2))
-    one = prefill(eng.model, eng.kv, ids, eng.sink, chunk=len(ids)).copy()
-    chunked = prefill(eng.model, eng.kv, ids, eng.sink, chunk=5).copy()
+    one = prefill(eng.session, ids, chunk=len(ids)).copy()
+    chunked = prefill(eng.session, ids, chunk=5).copy()
     assert np.max(np.abs(one - chunked)) <= 2e-3 * np.max(np.abs(one))
 
 
