@@ -65,6 +65,34 @@ def argv_for(line: str, tmp: Path) -> tuple[list[str], str | None]:
     return exe + rest, want
 
 
+def readme_python_blocks() -> list[str]:
+    """The README's ```python blocks."""
+    blocks, current = [], None
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            if current is not None:
+                blocks.append("\n".join(current))
+                current = None
+            elif line.strip() == "```python":
+                current = []
+            continue
+        if current is not None:
+            current.append(line)
+    return blocks
+
+
+@pytest.mark.model
+def test_readme_python_examples_run_as_written(tmp_path):
+    blocks = readme_python_blocks()
+    assert blocks, "README.md has no python example"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    model_file(SMALL)
+    for code in blocks:
+        res = subprocess.run([sys.executable, "-c", code.replace("/tmp/", f"{tmp_path}/")], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=900, env=env)
+        assert res.returncode == 0, f"README python example failed:\n{code}\n{res.stderr}"
+
+
 def test_readme_has_examples():
     lines = readme_examples()
     assert len(lines) >= 10, lines

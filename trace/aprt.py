@@ -65,6 +65,11 @@ def partial_path(path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def header_bytes(path, layer: int | None, count: int) -> bytes:
+    """The 12-byte header of a file holding `count` values of `layer` (None: whole-model)."""
+    return _header(path, layer, count)
+
+
 def _header(path, layer: int | None, count: int) -> bytes:
     field = WHOLE_MODEL if layer is None else layer
     if not 0 <= field <= WHOLE_MODEL:

@@ -36,9 +36,15 @@ import numpy as np
 
 from trace.aprt import read_aprt
 from trace.diff import compare
+from trace.plan import ATTENTION_STAGES
 from trace.stages import STAGE_INDEX, STAGES, WHOLE_MODEL_STAGES
 
 DEFAULT_MIN_COSINE = 0.99
+# Generation bisects against llama.cpp compare one token's row at a time, noisier than a whole
+# prompt's matrix: correct engines measured down to 0.9912 (SmolLM2, ffn_out of one decode step),
+# 0.9942 (0.5B), 0.9981 (1.5B) over 8-16 decode steps; the planted decode faults fall to 0.97 or
+# lower. Against our own prefill the noise is far smaller (>= 0.9971, 0.9990, 0.99991).
+GEN_LLAMA_MIN_COSINE = 0.98
 INHERIT_GROWTH = 3.0
 ADD_SLACK = 1.01
 RESIDUAL_ADDS = ("post_attn_residual", "post_ffn_residual")
@@ -73,6 +79,9 @@ class BisectReport:
     results: list[StageResult] = field(default_factory=list)
     unavailable: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    # generation bisects: the position `results` are of (the first divergent one, else the last)
+    position: int | None = None
+    positions: list[dict] = field(default_factory=list)
 
     @property
     def first_divergence(self) -> StageResult | None:
@@ -91,9 +100,11 @@ class BisectReport:
         prev = None if first is None else self.before(first)
         return {
             "ok": self.ok, "min_cosine": self.min_cosine, "atol": self.atol, "rtol": self.rtol, **self.info,
-            "first_divergence": None if first is None else _result_json(first),
+            "first_divergence": None if first is None else (_result_json(first) if self.position is None else
+                                                            {"position": self.position, **_result_json(first)}),
             "before_divergence": None if prev is None else _result_json(prev),
             "unavailable": self.unavailable, "results": [_result_json(r) for r in self.results],
+            **({"position": self.position, "positions": self.positions} if self.positions else {}),
         }
 
 
@@ -151,12 +162,20 @@ def compare_captures(ours: Path, llama: Path, ours_manifest: dict, llama_manifes
     ours_files = {(e["stage"], e["layer"]): e for e in ours_manifest["files"]}
     llama_files = {(e["stage"], e["layer"]): e for e in llama_manifest["files"]}
     keys = sorted(ours_files.keys() & llama_files.keys(), key=_key_order)
-    n_layers = ours_manifest["n_layers"]
-    report = BisectReport(min_cosine, atol, rtol, unavailable=dict(llama_manifest.get("unavailable", {})))
+    pairs = [(key, _load(ours, ours_files[key]), _load(llama, llama_files[key])) for key in keys]
+    return classify(pairs, ours_manifest["n_layers"], min_cosine, atol, rtol,
+                    unavailable=dict(llama_manifest.get("unavailable", {})))
+
+
+def classify(pairs, n_layers: int, min_cosine: float, atol: float | None = None, rtol: float | None = None,
+             unavailable: dict | None = None) -> BisectReport:
+    """Classify (key, ours, reference) value pairs, keys in forward order (see the module docstring)."""
+    report = BisectReport(min_cosine, atol, rtol, unavailable=dict(unavailable or {}))
     diffs: dict = {}  # key -> (||d||, ||llama||, rel_err, status)
-    for key in keys:
+    for key, a, b in pairs:
         stage, layer = key
-        a, b = _load(ours, ours_files[key]), _load(llama, llama_files[key])
+        a = np.asarray(a, dtype=np.float64).reshape(-1)
+        b = np.asarray(b, dtype=np.float64).reshape(-1)
         if a.size != b.size:
             report.results.append(StageResult(layer, stage, "fail", None, None, {"n": int(a.size)},
                                               f"sizes differ: ours {a.size}, llama.cpp {b.size}"))
@@ -175,6 +194,59 @@ def compare_captures(ours: Path, llama: Path, ours_manifest: dict, llama_manifes
         status, note = ("ok", "") if good else _explain(stage, layer, n_layers, diffs, dn, rel)
         diffs[key] = (dn, bn, rel, status)
         report.results.append(StageResult(layer, stage, status, cos, rel, stats, note))
+    return report
+
+
+def _row(values: np.ndarray, shape: tuple, stage: str, t: int, n_prompt: int, logits_from: int):
+    """Position t's row of a capture's file: [t] of [T, dim], [:, t, :t+1] of attention
+    [heads, T, T], and for lm_head the row of the logits computed at position t (its row
+    0 is position `logits_from`); None where the file has no row for t."""
+    arr = values.reshape(shape)
+    if stage in ATTENTION_STAGES:
+        return arr[:, t, :t + 1] if t < shape[1] else None
+    if stage == "lm_head":
+        i = t - logits_from
+        return arr[i] if 0 <= i < shape[0] else None
+    return arr[t] if t < shape[0] else None
+
+
+def compare_positions(ours: Path, ref: Path, ours_manifest: dict, ref_manifest: dict, min_cosine: float,
+                      atol: float | None = None, rtol: float | None = None) -> BisectReport:
+    """Classify two captures of the same token sequence position by position, in order, and
+    stop at the first position with a divergence: the report's results are that position's
+    (or the last position's when all agree), ``position`` names it and ``positions`` holds a
+    summary of every position compared. ``ours`` is a generation capture; ``ref`` a generation
+    capture (llama.cpp decoding the same tokens) or a prefill capture with every position's logits."""
+    tokens = ours_manifest["token_ids"]
+    if ref_manifest["token_ids"] != tokens:
+        raise ValueError("the two captures are not of the same token sequence")
+    n_prompt = ours_manifest["prompt_tokens"]
+    sides = []
+    for root, manifest in ((ours, ours_manifest), (ref, ref_manifest)):
+        logits_from = n_prompt - 1 if manifest.get("layout") == "generation" else 0
+        sides.append({(e["stage"], e["layer"]): (read_aprt(root / e["path"]).values, tuple(e["shape"]), logits_from)
+                      for e in manifest["files"]})
+    keys = sorted(sides[0].keys() & sides[1].keys(), key=_key_order)
+    summary, report = [], None
+    for t in range(len(tokens)):
+        pairs = []
+        for key in keys:
+            rows = [_row(v, shape, key[0], t, n_prompt, lf) for v, shape, lf in (side[key] for side in sides)]
+            if rows[0] is not None and rows[1] is not None:
+                pairs.append((key, rows[0], rows[1]))
+        report = classify(pairs, ours_manifest["n_layers"], min_cosine, atol, rtol,
+                          unavailable=ref_manifest.get("unavailable", {}))
+        scored = [r for r in report.results if r.cosine is not None]
+        low = min(scored, key=lambda r: r.cosine) if scored else None
+        first = report.first_divergence
+        summary.append({"position": t, "token_id": int(tokens[t]), "phase": "prefill" if t < n_prompt else "decode",
+                        "min_cosine": None if low is None else low.cosine,
+                        "min_at": None if low is None else {"layer": low.layer, "stage": low.stage},
+                        "first_divergence": None if first is None else {"layer": first.layer, "stage": first.stage}})
+        if first is not None:
+            break
+    report.position = summary[-1]["position"] if summary else None
+    report.positions = summary
     return report
 
 
@@ -211,7 +283,7 @@ def _metrics(r: StageResult) -> str:
     if r.rel_err is not None:
         parts.append(f"rel err {r.rel_err:.3e}")
     if s.get("max_abs_diff") is not None:
-        parts.append(f"max |ours-llama| {s['max_abs_diff']:.3e} at {s['argmax']}")
+        parts.append(f"max |ours-ref| {s['max_abs_diff']:.3e} at {s['argmax']}")
     if s.get("n_bad") is not None:
         parts.append(f"{s['n_bad']} of {s['n']} values beyond atol/rtol")
     if s.get("nan_mismatch"):
@@ -246,8 +318,22 @@ def _trunc4(c: float) -> str:
     return f"{math.floor(c * 1e4) / 1e4:6.4f}" if c >= 0 else f"{-math.floor(-c * 1e4) / 1e4:6.3f}"
 
 
+def format_positions(report: BisectReport) -> str:
+    """One line per position compared: phase, token, lowest cosine, verdict."""
+    lines = [f"{'pos':>5} {'phase':<7} {'token':>7} {'min cos':>8} {'lowest at':<22} verdict"]
+    for p in report.positions:
+        first = p["first_divergence"]
+        verdict = "ok" if first is None else "DIVERGES at " + _name((first["stage"], first["layer"]))
+        cos = "-" if p["min_cosine"] is None else _trunc4(p["min_cosine"])
+        at = "" if p["min_at"] is None else _name((p["min_at"]["stage"], p["min_at"]["layer"]))
+        lines.append(f"{p['position']:>5} {p['phase']:<7} {p['token_id']:>7} {cos:>8} {at:<22} {verdict}")
+    return "\n".join(lines)
+
+
 def format_report(report: BisectReport) -> str:
     lines = [format_table(report), ""]
+    if report.positions:
+        lines = [format_positions(report), "", f"stages at position {report.position}:"] + lines
     explained = [r for r in report.results if r.status in ("cancellation", "inherited")]
     first = report.first_divergence
     if explained and (first is None or any(_key_order((r.stage, r.layer)) < _key_order((first.stage, first.layer))
@@ -262,12 +348,17 @@ def format_report(report: BisectReport) -> str:
         lines.append("not compared (llama.cpp has no such node): " + ", ".join(report.unavailable))
     tol = f"cosine >= {report.min_cosine:g}"
     if report.atol is not None or report.rtol is not None:
-        tol += f", |ours-llama| <= {report.atol or 0:g} + {report.rtol or 0:g}*|llama|"
-    if first is None:
+        tol += f", |ours-ref| <= {report.atol or 0:g} + {report.rtol or 0:g}*|llama|"
+    against = report.info.get("against", "llama.cpp")
+    if first is None and report.positions:
+        lines.append(f"all {len(report.positions)} positions agree with {against}: {len(report.results)} stages "
+                     f"each ({tol})")
+    elif first is None:
         lines.append(f"all {len(report.results)} stages agree with llama.cpp ({tol})")
     else:
         prev = report.before(first)
-        lines.append(f"first divergence: {first.where} ({tol} fails): {_metrics(first)}" +
+        where = first.where if report.position is None else f"position {report.position}, {first.where}"
+        lines.append(f"first divergence: {where} ({tol} fails): {_metrics(first)}" +
                      (f"; {first.note}" if first.note else ""))
         if prev is not None:
             lines.append(f"  stage before it: {prev.where} ({prev.status}): {_metrics(prev)}")
@@ -344,6 +435,63 @@ def run_bisect(engine, ids: list[int], prompt: str, llama_model: Path, min_cosin
                        "n_layers": cfg.n_layers, "llama_cpp_python": ml.get("llama_cpp_python"),
                        "ours_seconds": round(t1 - t0, 3), "llama_seconds": round(t2 - t1, 3),
                        "compare_seconds": round(time.perf_counter() - t2, 3), "peak_disk_bytes": disk}
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_generation_bisect(engine, ids: list[int], prompt: str, max_tokens: int, against: str = "llama.cpp",
+                          llama_model: Path | None = None, min_cosine: float | None = None,
+                          atol: float | None = None, rtol: float | None = None, threads: int = 2,
+                          progress: bool = False, tmp_root: Path | None = None) -> BisectReport:
+    """Our KV-cached generation (greedy, all stages of all layers) against a reference over the
+    same token sequence, position by position (see compare_positions):
+
+    - against="llama.cpp": llama.cpp decoding the same tokens step by step (fed our generated
+      tokens, so near-ties cannot fork the two);
+    - against="prefill": one teacher-forced prefill of the whole sequence by our own engine,
+      loaded afresh (no state shared with `engine`): the self-consistency check of the cache.
+    Captures go to a temporary folder, removed afterwards."""
+    from engine.sampling import Sampler
+    from trace.capture import capture, capture_generation, plan_for_model
+    if against not in ("llama.cpp", "prefill"):
+        raise ValueError(f"--against must be llama.cpp or prefill, got {against!r}")
+    if min_cosine is None:
+        min_cosine = GEN_LLAMA_MIN_COSINE if against == "llama.cpp" else DEFAULT_MIN_COSINE
+    cfg = engine.config
+    plan = plan_for_model("all", "all", cfg)
+    if against == "llama.cpp":
+        from trace.llama_capture import unavailable_stages
+        from trace.plan import TracePlan
+        plan = TracePlan([s for s in plan.stages if s not in unavailable_stages(plan.stages)], plan.layers)
+    tmp = Path(tempfile.mkdtemp(prefix="numgguf-bisect-", dir=tmp_root))
+    try:
+        ours_dir, ref_dir = tmp / "numgguf", tmp / "reference"
+        ours_dir.mkdir()
+        ref_dir.mkdir()
+        t0 = time.perf_counter()
+        mo = capture_generation(engine, ids, plan, ours_dir, prompt, max_tokens, Sampler(), stop_at_eog=True)
+        t1 = time.perf_counter()
+        tokens = mo["token_ids"]
+        if against == "prefill":
+            from engine.api import Engine
+            fresh = Engine(engine.path, n_ctx=len(tokens), exact=engine.model.exact)
+            mr = capture(fresh, tokens, plan, ref_dir, prompt, all_logits=True)
+        else:
+            from trace.llama_capture import capture_llama_generation
+            mr = capture_llama_generation(llama_model or engine.path, tokens, mo["prompt_tokens"], plan, ref_dir,
+                                          prompt, cfg, n_threads=threads, progress=progress)
+        t2 = time.perf_counter()
+        disk = disk_usage(tmp)
+        report = compare_positions(ours_dir, ref_dir, mo, mr, min_cosine, atol, rtol)
+        report.info = {"model": str(engine.path), "against": against, "n_tokens": len(tokens),
+                       "prompt_tokens": mo["prompt_tokens"], "generated_ids": mo["generated_ids"],
+                       "n_layers": cfg.n_layers, "ours_seconds": round(t1 - t0, 3),
+                       "reference_seconds": round(t2 - t1, 3), "compare_seconds": round(time.perf_counter() - t2, 3),
+                       "peak_disk_bytes": disk}
+        if against == "llama.cpp":
+            report.info.update(llama_model=str(llama_model or engine.path),
+                               llama_cpp_python=mr.get("llama_cpp_python"))
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

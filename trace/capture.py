@@ -20,12 +20,11 @@ import numpy as np
 
 from engine.errors import EngineError
 from trace.aprt import partial_path, read_aprt, stage_path
-from trace.plan import PlanError, TracePlan, parse_layers, parse_stages
-from trace.sink import TraceSink
+from trace.plan import ATTENTION_STAGES, PlanError, TracePlan, parse_layers, parse_stages, planned_keys  # noqa: F401
+from trace.sink import GenerationSink, TraceSink
 from trace.stages import WHOLE_MODEL_STAGES
 from trace.stats import attention_rows, stage_stats
 
-ATTENTION_STAGES = ("attn_scores", "attn_softmax")
 MANIFEST = "manifest.json"
 _OUR_FILES = ("*.bin", "*.bin.partial", MANIFEST, MANIFEST + ".partial")
 
@@ -91,6 +90,9 @@ class _Recorder:
         self.sink, self.n_layers, self.progress, self._last = sink, n_layers, progress, -1
         self.requested: set[tuple[str, int | None]] = set()
 
+    def begin(self, pos0, n):
+        self.sink.begin(pos0, n)
+
     def buffer(self, stage, layer, shape):
         self.requested.add((stage, layer))
         if self.progress and layer is not None and layer != self._last:
@@ -103,14 +105,6 @@ class _Recorder:
         if self.progress and self._last >= 0:
             sys.stderr.write("\n")
             sys.stderr.flush()
-
-
-def planned_keys(plan: TracePlan) -> list[tuple[str, int | None]]:
-    """Every (stage, layer) the plan captures, in the order the forward computes them."""
-    per_layer = [s for s in plan.stages if s not in WHOLE_MODEL_STAGES]
-    keys = [("embedding", None)] if "embedding" in plan.stages else []
-    keys += [(s, layer) for layer in plan.layers for s in per_layer]
-    return keys + [(s, None) for s in ("final_norm", "lm_head") if s in plan.stages]
 
 
 def file_sha256(path: Path) -> str:
@@ -131,9 +125,18 @@ def _write_json_atomic(path: Path, obj) -> None:
         raise
 
 
+def check_ids(ids, cfg) -> None:
+    """Raise unless a capture of these token ids fits the model."""
+    if len(ids) == 0:
+        raise EngineError("the prompt has no tokens; nothing to trace")
+    if len(ids) > cfg.context:
+        raise EngineError(f"the prompt has {len(ids)} tokens, which exceeds the model's context length {cfg.context}")
+
+
 def capture(engine, ids: list[int], plan: TracePlan, out: Path, prompt: str, with_stats: bool = False,
-            model_sha256: str | None = None, progress: bool = False) -> dict:
+            model_sha256: str | None = None, progress: bool = False, all_logits: bool = False) -> dict:
     """Run one prefill forward over ids with `plan`'s stages written under `out`; return the manifest.
+    lm_head holds the last position's logits, or with all_logits every position's ([n, vocab]).
 
     `out` must exist. On any exception (including KeyboardInterrupt) during the forward
     the partial files are deleted and the exception propagates; no manifest is written.
@@ -142,16 +145,14 @@ def capture(engine, ids: list[int], plan: TracePlan, out: Path, prompt: str, wit
     cfg = engine.config
     if "qkv_bias" in plan.stages and not cfg.qkv_bias:
         raise EngineError(f"stage qkv_bias does not exist in this {cfg.arch} model (it has no q/k/v bias)")
-    if not ids:
-        raise EngineError("the prompt has no tokens; nothing to trace")
-    if len(ids) > engine.n_ctx:
-        raise EngineError(f"the prompt has {len(ids)} tokens, more than the context size {engine.n_ctx}")
+    check_ids(ids, cfg)
+    session = engine.new_session(n_ctx=len(ids))  # its own KV cache: the engine's sessions are left alone
     sink = TraceSink(out, plan, cfg.n_layers)
     recorder = _Recorder(sink, cfg.n_layers, progress)
     t0 = time.perf_counter()
     try:
         try:
-            engine.forward(ids, pos=0, sink=recorder)
+            session.forward_view(ids, 0, sink=recorder, all_logits=all_logits)
             missing = [k for k in planned_keys(plan) if k not in recorder.requested]
             if missing:
                 stage, layer = missing[0]
@@ -168,15 +169,7 @@ def capture(engine, ids: list[int], plan: TracePlan, out: Path, prompt: str, wit
     except BaseException as e:
         # interrupted or failed after the forward too (publishing, statistics, manifest): remove this
         # capture's files, so a folder without a complete manifest holds nothing that looks complete
-        for key in planned_keys(plan):
-            path = stage_path(out, *key)
-            for p in (path, partial_path(path)):
-                p.unlink(missing_ok=True)
-        for d in out.glob("layer-*"):
-            try:
-                d.rmdir()  # only if empty
-            except OSError:
-                pass
+        _remove_capture(out, plan)
         if isinstance(e, OSError):
             why = e.strerror or str(e)
             raise EngineError(f"cannot write the capture to {out}: {why}"
@@ -184,7 +177,21 @@ def capture(engine, ids: list[int], plan: TracePlan, out: Path, prompt: str, wit
         raise
 
 
-def _write_manifest(engine, ids, plan, out, prompt, with_stats, model_sha256, seconds, written) -> dict:
+def _remove_capture(out: Path, plan: TracePlan) -> None:
+    """Delete every file (final or .partial) the plan would write under out, and empty layer folders."""
+    for key in planned_keys(plan):
+        path = stage_path(out, *key)
+        for p in (path, partial_path(path)):
+            p.unlink(missing_ok=True)
+    for d in out.glob("layer-*"):
+        try:
+            d.rmdir()  # only if empty
+        except OSError:
+            pass
+
+
+def _write_manifest(engine, ids, plan, out, prompt, with_stats, model_sha256, seconds, written,
+                    extra: dict | None = None) -> dict:
     cfg = engine.config
     entries = []
     for stage, layer, shape, path in written:
@@ -200,8 +207,88 @@ def _write_manifest(engine, ids, plan, out, prompt, with_stats, model_sha256, se
         "n_tokens": len(ids), "stages": list(plan.stages), "layers": list(plan.layers),
         "forward_seconds": round(seconds, 4), "files": entries,
     }
+    if extra:
+        manifest.update(extra)
     _write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def capture_generation(engine, ids: list[int], plan: TracePlan, out: Path, prompt: str, max_tokens: int,
+                       sampler=None, stop_at_eog: bool = True, with_stats: bool = False,
+                       model_sha256: str | None = None, on_token=None, progress: bool = False) -> dict:
+    """Generate up to max_tokens after the prompt ids, with `plan`'s stages of every forward
+    (prefill chunks, then each decode step) written under `out`; return the manifest.
+
+    One file per planned (stage, layer): per-token stages [T, dim] (row t = the forward that
+    consumed token_ids[t]), attention [heads, T, T], lm_head [G, vocab] (row i = the logits
+    generated token i was sampled from), T = prompt + generated - 1 (the last sampled token is
+    never fed back), G = generated. The files are created at their size for max_tokens before
+    the first forward (refused up front if the disk cannot hold them) and cut on an early stop.
+    `on_token(id)` is called for each sampled token as it comes (streaming). On any exception the
+    files are deleted and no manifest is written. `out` must exist."""
+    from engine.generate import GenStats, check_prompt
+    from engine.sampling import Sampler
+    out = Path(out)
+    cfg = engine.config
+    if max_tokens < 1:
+        raise EngineError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if "qkv_bias" in plan.stages and not cfg.qkv_bias:
+        raise EngineError(f"stage qkv_bias does not exist in this {cfg.arch} model (it has no q/k/v bias)")
+    n_prompt = len(ids)
+    n_ctx = min(cfg.context, n_prompt + max_tokens)
+    check_prompt(ids, n_ctx)
+    n_rows = min(n_prompt + max_tokens - 1, n_ctx)
+    sampler = sampler or Sampler()
+    session = engine.new_session(n_ctx=n_ctx)
+    sink = GenerationSink(out, plan, cfg, n_rows, n_prompt)
+    recorder = _Recorder(sink, cfg.n_layers, progress=False)
+    session.sink = recorder
+    stats, generated = GenStats(), []
+    t0 = time.perf_counter()
+    try:
+        try:
+            sink.create()
+            for tok in session.generate(ids, max_tokens=max_tokens, sampler=sampler, stop_at_eog=stop_at_eog,
+                                        stats=stats):
+                generated.append(int(tok))
+                if on_token is not None:
+                    on_token(tok)
+                if progress:
+                    sys.stderr.write(f"\rtraced {len(generated)}/{max_tokens} tokens")
+                    sys.stderr.flush()
+            missing = [k for k in planned_keys(plan) if k not in recorder.requested]
+            if missing:
+                stage, layer = missing[0]
+                raise EngineError(f"the forward never computed stage {stage}" + ("" if layer is None else
+                                  f" of layer {layer}") + f" ({len(missing)} planned files missing)")
+            n_computed = session.pos
+            if n_computed != n_prompt + len(generated) - 1:
+                raise EngineError(f"internal: {n_computed} positions computed for {n_prompt} prompt and "
+                                  f"{len(generated)} generated tokens")
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            if progress and generated:
+                sys.stderr.write("\n")
+        seconds = time.perf_counter() - t0
+        written = sink.finish(n_computed)
+        token_ids = [int(i) for i in ids] + generated[:-1]
+        extra = {"layout": "generation", "token_ids": token_ids, "n_tokens": len(token_ids),
+                 "prompt_tokens": n_prompt, "generated_ids": generated,
+                 "sampling": {"temperature": sampler.temperature, "top_k": sampler.top_k, "top_p": sampler.top_p,
+                              "seed": sampler.seed, "max_tokens": max_tokens, "stop_at_eog": stop_at_eog},
+                 "exact": bool(engine.model.exact), "stop_reason": stats.stop_reason,
+                 "prefill_tok_s": round(stats.prefill_tok_s, 2), "decode_tok_s": round(stats.decode_tok_s, 2)}
+        return _write_manifest(engine, token_ids, plan, out, prompt, with_stats, model_sha256, seconds, written,
+                               extra)
+    except BaseException as e:
+        _remove_capture(out, plan)
+        if isinstance(e, OSError):
+            why = e.strerror or str(e)
+            raise EngineError(f"cannot write the capture to {out}: {why}"
+                              + (f" ({e.filename})" if e.filename else "") + "; partial files removed") from None
+        raise
 
 
 def format_stats(manifest: dict) -> str:

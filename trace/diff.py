@@ -1,6 +1,7 @@
 """Compare two captures (directories of APRT files, or two single files) stage by stage."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from trace.aprt import read_aprt
-from trace.stages import STAGE_INDEX, STAGES
+from trace.stages import STAGE_INDEX, STAGES, WHOLE_MODEL_STAGES
 
 # numpy.isclose's defaults: a value fails when |a - b| > atol + rtol * |b|.
 DEFAULT_ATOL = 1e-8
@@ -75,6 +76,7 @@ class PairResult:
     status: str
     stats: dict | None = None
     message: str | None = None
+    position: int | None = None   # generation captures: the first position whose row fails
 
 
 @dataclass
@@ -91,8 +93,12 @@ class DiffReport:
 
     @property
     def first_divergence(self) -> PairResult | None:
-        """The first failing pair in forward order, or None when all pairs agree."""
-        return next((p for p in self.pairs if p.status != "ok"), None)
+        """The first failing pair, or None when all pairs agree: in forward order, and for
+        generation captures first by position (the earliest forward), then in forward order."""
+        bad = [p for p in self.pairs if p.status != "ok"]
+        if not bad:
+            return None
+        return min(bad, key=lambda p: -1 if p.position is None else p.position)  # min keeps forward order on ties
 
     @property
     def ok(self) -> bool:
@@ -103,7 +109,9 @@ class DiffReport:
         first = self.first_divergence
         return {
             "a": self.a, "b": self.b, "atol": self.atol, "rtol": self.rtol, "ok": self.ok,
-            "first_divergence": None if first is None else {"layer": first.layer, "stage": first.stage},
+            "first_divergence": None if first is None else (
+                {"layer": first.layer, "stage": first.stage} if first.position is None else
+                {"position": first.position, "layer": first.layer, "stage": first.stage}),
             "pairs": [asdict(p) for p in self.pairs],
             "only_a": [{"layer": layer, "stage": stage} for layer, stage in self.only_a],
             "only_b": [{"layer": layer, "stage": stage} for layer, stage in self.only_b],
@@ -139,13 +147,49 @@ def _sides(path_a: Path, path_b: Path):
     return {key: path_a}, {key: path_b}
 
 
-def _diff_pair(key, path_a: Path, path_b: Path, atol: float, rtol: float) -> PairResult:
+def _generation_layout(root: Path) -> dict | None:
+    """{(stage, layer): shape} and the prompt length of a generation capture, else None."""
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        m = json.loads(manifest.read_text())
+        if m.get("layout") != "generation":
+            return None
+        return {"prompt_tokens": int(m["prompt_tokens"]),
+                "shapes": {(e["stage"], e["layer"]): tuple(e["shape"]) for e in m["files"]}}
+    except (ValueError, KeyError, TypeError) as e:
+        raise DiffError(f"{manifest}: not a capture manifest ({e})") from None
+
+
+def first_bad_position(a: np.ndarray, b: np.ndarray, stage: str, shape: tuple, prompt_tokens: int,
+                       atol: float, rtol: float) -> int | None:
+    """The first position whose row differs beyond numpy.isclose(a, b, rtol, atol) in a
+    generation capture's file of `shape`: row t of [T, dim], rows [:, t, :] of attention
+    [heads, T, T], row i of lm_head [G, vocab] (position prompt_tokens - 1 + i); None if none."""
+    x, y = np.asarray(a).reshape(shape), np.asarray(b).reshape(shape)
+    bad = ~np.isclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
+    rows = bad.any(axis=(0, 2)) if len(shape) == 3 else bad.reshape(shape[0], -1).any(axis=1)
+    if not rows.any():
+        return None
+    first = int(np.argmax(rows))
+    return prompt_tokens - 1 + first if stage == "lm_head" else first
+
+
+def _diff_pair(key, path_a: Path, path_b: Path, atol: float, rtol: float, layout=None) -> PairResult:
     a, b = read_aprt(path_a), read_aprt(path_b)
     if (a.layer, a.count) != (b.layer, b.count):
         msg = f"header mismatch: layer {a.layer} vs {b.layer}, count {a.count} vs {b.count}"
         return PairResult(*key, "mismatch", message=msg)
     stats = compare(a.values, b.values, atol, rtol)
-    return PairResult(*key, "fail" if stats["n_bad"] else "ok", stats)
+    if not stats["n_bad"]:
+        return PairResult(*key, "ok", stats)
+    position = None
+    layer, stage = key
+    shape = None if layout is None else layout["shapes"].get((stage, None if stage in WHOLE_MODEL_STAGES else layer))
+    if shape is not None and int(np.prod(shape)) == a.count:
+        position = first_bad_position(a.values, b.values, stage, shape, layout["prompt_tokens"], atol, rtol)
+    return PairResult(*key, "fail", stats, position=position)
 
 
 def diff_captures(path_a, path_b, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> DiffReport:
@@ -155,9 +199,14 @@ def diff_captures(path_a, path_b, atol: float = DEFAULT_ATOL, rtol: float = DEFA
     common = sorted(files_a.keys() & files_b.keys(), key=_forward_order)
     if not common:
         raise DiffError(f"no stage is present in both {path_a} ({len(files_a)} files) and {path_b} ({len(files_b)} files)")
+    layout = None
+    if path_a.is_dir():   # both generation captures (same prompt length): divergences get a position
+        la, lb = _generation_layout(path_a), _generation_layout(path_b)
+        if la is not None and lb is not None and la["prompt_tokens"] == lb["prompt_tokens"]:
+            layout = la
     return DiffReport(
         str(path_a), str(path_b), atol, rtol,
-        pairs=[_diff_pair(k, files_a[k], files_b[k], atol, rtol) for k in common],
+        pairs=[_diff_pair(k, files_a[k], files_b[k], atol, rtol, layout) for k in common],
         only_a=sorted(files_a.keys() - files_b.keys(), key=_forward_order),
         only_b=sorted(files_b.keys() - files_a.keys(), key=_forward_order),
     )
@@ -197,6 +246,8 @@ def _verdict(report: DiffReport) -> str:
     if first is None:
         return f"all {len(report.pairs)} pairs agree ({tol})"
     where = _where((first.layer, first.stage))
+    if first.position is not None:
+        where = f"position {first.position}, {where}"
     if first.status == "mismatch":
         return f"first divergence: {where} ({first.message})"
     s = first.stats

@@ -4,8 +4,18 @@
 (``trace.llama_graph.run_graph``), reads the graph nodes trace/llama_names.py maps to
 our stages, and writes them through the same ``TraceSink`` our engine's capture uses,
 so the files, headers and paths are identical and ``cli diff`` compares the two
-captures directly. Values are held one layer at a time: when a layer's ``l_out-N``
+captures directly. Only the nodes the plan's stages of its layers are built from are
+read (``_needed_stems``). Values are held one layer at a time: when a layer's ``l_out-N``
 arrives, that layer's stages are written in forward order and its nodes dropped.
+
+``capture_llama_generation`` captures llama.cpp DECODING a token sequence as a
+generation does: the prompt in one llama_decode, then one llama_decode per later token,
+KV cache kept, one context throughout (``trace.llama_graph.LlamaGraph``). The same
+collector maps each forward's nodes to stages; ``_GenerationFiles`` writes its rows into
+memory-mapped ``.partial`` files of the whole sequence's shape as each forward arrives
+(per-token stages ``[T, dim]``, row t from the forward that consumed token t; attention
+``[heads, T, T]``; lm_head ``[T - n_prompt + 1, vocab]``, row i = the logits at position
+n_prompt - 1 + i, which generated token i is sampled from).
 
 Graph node -> dump stem (as in ../shared/reference/trace/*/): ``Qcur-N`` etc. by op
 (``MUL_MAT`` -> ``Qcur-N.mul_mat``, ``ADD`` -> ``Qcur-N``, ``ROPE`` -> ``Qcur-N.rope``);
@@ -14,8 +24,11 @@ the attention output projection is ``attn_out-N`` in the llama graph and an unna
 ``kqv_out-N``. Every other stem is the node's name. Layout: ggml ``ne[0]`` is the
 fastest dimension (``ne=[dim, n_tok]`` -> ``[n_tok, dim]``; ROPE ``[hd, heads, n_tok]``
 -> ``[n_tok, heads*hd]``); ``kq``/``kq_soft_max`` ``[n_kv_padded, n_q, heads]`` ->
-``[heads, n_q, n_kv]`` trimmed to the ``n_tok`` real KV cells (a fresh context puts
-positions 0..n-1 in cells 0..n-1; checked: the padded cells get probability 0).
+``[heads, n_q, n_kv]`` trimmed to the real KV cells: a forward of n_q tokens at
+positions p..p+n_q-1 sees cells 0..p+n_q-1 (a fresh context fills cells 0, 1, ... in
+position order; llama.cpp pads n_kv to a multiple of 256 with empty, masked cells).
+Checked on every softmax: each query puts probability exactly 0 on every cell after its
+own position (later positions and padding), or the capture fails.
 
 Stages llama.cpp has no node for:
 - ``attn_scores`` (ours: q.k/sqrt(d), masked entries 0): llama.cpp's ``kq-N`` holds the
@@ -27,6 +40,8 @@ Stages llama.cpp has no node for:
 """
 from __future__ import annotations
 
+import math
+import os
 import re
 import struct
 import sys
@@ -36,8 +51,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import EngineError
-from trace.capture import ATTENTION_STAGES, MANIFEST, _write_json_atomic
-from trace.aprt import read_aprt
+from trace.capture import ATTENTION_STAGES, MANIFEST, _write_json_atomic, planned_keys
+from trace.aprt import create_aprt, partial_path, read_aprt, stage_path
 from trace.llama_names import LLAMA_NAMES
 from trace.plan import TracePlan
 from trace.sink import TraceSink
@@ -72,15 +87,41 @@ def check_stages(stages_text: str, stages) -> tuple[str, ...]:
     return tuple(s for s in stages if s not in UNEXPOSED)
 
 
+def _needed_stems(plan: TracePlan) -> frozenset[str]:
+    """The dump stems `plan`'s stages are built from, for its layers; ``l_out-N`` ends layer N's stages."""
+    templates = set()
+    for stage in plan.stages:
+        if stage == "attn_scores":  # derived: kq-N, scaled by kq_soft_max-N's op parameter
+            templates |= {"kq-{N}", "kq_soft_max-{N}"}
+        elif stage not in UNEXPOSED:
+            templates.update(LLAMA_NAMES[stage].stems)
+    per_layer = {t for t in templates if "{N}" in t} | {"l_out-{N}"}
+    return frozenset({t for t in templates if "{N}" not in t}
+                     | {t.format(N=layer) for t in per_layer for layer in plan.layers})
+
+
 class _Collector:
-    """Maps graph nodes to dump stems, keeps the current layer's, and writes finished stages to the sink."""
+    """Maps graph nodes to dump stems, keeps the current layer's, and writes finished stages to the sink.
+
+    ``sink.buffer(stage, layer, shape)`` gives the array a stage's value of one forward is copied
+    into (a TraceSink, or _GenerationFiles' rows of the current step). ``begin`` starts a forward of
+    ``n_tok`` tokens at positions ``pos0..``; the constructor starts one at position 0.
+    """
 
     def __init__(self, sink, plan: TracePlan, n_tok: int, n_layers: int, progress: bool):
-        self.sink, self.plan, self.n, self.n_layers, self.progress = sink, plan, n_tok, n_layers, progress
-        self.pending: dict[int, str] = {}  # tensor identity (name, op, ne) in ask order -> stem
-        self.after_kqv: int | None = None
+        self.sink, self.plan, self.n_layers, self.progress = sink, plan, n_layers, progress
         self.held: dict[str, np.ndarray] = {}
         self.scale: dict[int, float] = {}
+        self.needed = _needed_stems(plan)
+        self.begin(0, n_tok)
+
+    def begin(self, pos0: int, n_tok: int) -> None:
+        """Start a forward over ``n_tok`` tokens at positions ``pos0 .. pos0+n_tok-1``."""
+        self.pos0, self.n = pos0, n_tok
+        self.n_kv = pos0 + n_tok  # the KV cells its queries see: positions 0..pos0+n_tok-1
+        self.after_kqv: int | None = None
+        self.held.clear()
+        self.scale.clear()
         self.written: set[tuple[str, int | None]] = set()
 
     # -- which nodes, under which stem ------------------------------------------------
@@ -102,7 +143,10 @@ class _Collector:
         return None
 
     def want(self, name: str, op: str) -> bool:
-        s = self.stem(name, op)
+        """Whether the plan needs this node (each one read splits llama.cpp's graph and costs a copy)."""
+        s = self.stem(name, op)  # always: stem() tracks the position of the unnamed attn_out
+        if s is not None and s not in self.needed and not (self.progress and s.startswith("l_out-")):
+            s = None
         self._next = s
         return s is not None
 
@@ -111,14 +155,19 @@ class _Collector:
         v = node.values
         if stem.startswith(("kq-", "kq_soft_max-")):
             heads, n_q, n_kv = v.shape[1:]
-            if n_q != self.n or n_kv < self.n:
-                raise EngineError(f"llama.cpp node {node.name} has shape {node.ne}; expected {self.n} queries")
+            if n_q != self.n or n_kv < self.n_kv:
+                raise EngineError(f"llama.cpp node {node.name} has shape {node.ne}; expected {self.n} queries "
+                                  f"over at least {self.n_kv} KV cells")
+            v = v[0]
             if stem.startswith("kq_soft_max-"):
-                if np.any(v[0, :, :, self.n:] != 0):
-                    raise EngineError(f"{node.name}: probability on KV cells beyond the prompt; the cache is not "
-                                      "laid out as positions 0..n-1")
+                for i in range(self.n):  # row by row: a mask of a long prompt's [heads, n, n_kv] would be large
+                    pos = self.pos0 + i
+                    if np.any(v[:, i, pos + 1:] != 0):
+                        raise EngineError(f"{node.name}: the query at position {pos} puts probability on a KV "
+                                          f"cell after cell {pos}; the cache is not laid out as positions "
+                                          "0, 1, ... in cells 0, 1, ...")
                 self.scale[int(stem.split("-")[1])] = struct.unpack("<f", struct.pack("<i", node.op_params[0]))[0]
-            v = v[0, :, :, :self.n]
+            v = v[:, :, :self.n_kv]
         elif stem == "result_output":
             v = v.reshape(self.n, -1)[-1:]
         else:
@@ -135,15 +184,17 @@ class _Collector:
                 if s not in ("embedding", "final_norm", "lm_head"):
                     self._emit(s, layer)
             self.held.clear()
-        elif stem == "result_output":
+        elif stem == "result_norm":
             self._emit("final_norm", None)
+        elif stem == "result_output":
             self._emit("lm_head", None)
 
     # -- our stages from held stems ----------------------------------------------------
     def _value(self, stage: str, layer: int | None) -> np.ndarray:
         if stage == "attn_scores":
             kq = self.held[f"kq-{layer}"] * np.float32(self.scale[layer])
-            return np.where(np.tri(self.n, dtype=bool)[None], kq, np.float32(0)).astype(np.float32)
+            visible = np.tri(self.n, self.n_kv, self.pos0, dtype=bool)  # query i sees keys 0..pos0+i
+            return np.where(visible[None], kq, np.float32(0)).astype(np.float32)
         spec = LLAMA_NAMES[stage]
         stems = [s.format(N=layer) for s in spec.stems]
         missing = [s for s in stems if s not in self.held]
@@ -163,39 +214,111 @@ class _Collector:
         self.written.add((stage, layer))
 
 
-def capture_llama(model_path, ids: list[int], plan: TracePlan, out: Path, prompt: str, cfg,
-                  with_stats: bool = False, model_sha256: str | None = None, progress: bool = False,
-                  n_threads: int = 2) -> dict:
-    """llama.cpp's forward over ids with `plan`'s stages written under `out` (which must exist); the manifest.
+class _GenerationFiles:
+    """A generation capture's files, filled row by row as llama.cpp's forwards arrive.
 
-    Like trace.capture.capture: on any failure the files are removed and no manifest is written.
+    Each planned (stage, layer) is one ``.partial`` APRT file at the whole sequence's shape,
+    created when its first value arrives (a new file's body reads as zeros, which are the
+    masked attention entries): per-token stages ``[T, dim]``; attn_scores / attn_softmax
+    ``[heads, T, T]`` (a forward at positions p..p+n-1 fills rows p..p+n-1, keys 0..p+n-1);
+    lm_head ``[T - n_prompt + 1, vocab]``, one row per forward. ``buffer`` is the sink
+    interface the collector writes through; ``finish`` publishes by rename, ``abort`` deletes.
     """
-    from trace.llama_graph import llama_cpp_version, run_graph
-    out = Path(out)
-    stages = tuple(s for s in plan.stages if s not in UNEXPOSED)
-    plan = TracePlan(stages, plan.layers)
-    if not ids:
-        raise EngineError("the prompt has no tokens; nothing to trace")
-    sink = TraceSink(out, plan, cfg.n_layers)
-    col = _Collector(sink, plan, len(ids), cfg.n_layers, progress)
-    t0 = time.perf_counter()
-    try:
-        run_graph(model_path, ids, col.want, col.take, n_threads=n_threads)
-        from trace.capture import planned_keys
-        missing = [k for k in planned_keys(plan) if k not in col.written]
-        if missing:
-            stage, layer = missing[0]
-            raise EngineError(f"llama.cpp's graph gave no value for stage {stage}"
-                              + ("" if layer is None else f" of layer {layer}"))
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        if progress:
-            sys.stderr.write("\n")
-    seconds = time.perf_counter() - t0
+
+    def __init__(self, out: Path, plan: TracePlan, n_tokens: int, n_prompt: int):
+        self.out, self.plan, self.n_tokens, self.n_prompt = Path(out), plan, n_tokens, n_prompt
+        self._files: dict[tuple[str, int | None], tuple[tuple, Path, np.memmap]] = {}
+        self.begin(0, 0, n_prompt)
+
+    def begin(self, step: int, pos0: int, n_tok: int) -> None:
+        """Start forward number ``step`` (0 = the prompt) over positions ``pos0 .. pos0+n_tok-1``."""
+        self.step, self.pos0, self.n = step, pos0, n_tok
+        self._requested: set[tuple[str, int | None]] = set()
+
+    def _full_shape(self, stage: str, shape: tuple) -> tuple:
+        if stage in ATTENTION_STAGES:
+            return shape[0], self.n_tokens, self.n_tokens
+        if stage == "lm_head":
+            return self.n_tokens - self.n_prompt + 1, shape[-1]
+        return self.n_tokens, shape[-1]
+
+    def buffer(self, stage: str, layer: int | None, shape: tuple) -> np.ndarray:
+        """The rows of (stage, layer)'s file the current forward's value of `shape` goes into."""
+        key = (stage, layer)
+        if key in self._requested:
+            raise ValueError(f"stage {stage} layer {layer} was requested twice in one forward")
+        self._requested.add(key)
+        if not self.plan.wants(stage, layer):
+            return np.empty(shape, np.float32)
+        if key not in self._files:
+            full = self._full_shape(stage, shape)
+            path = stage_path(self.out, stage, layer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._files[key] = full, path, create_aprt(partial_path(path), layer, math.prod(full)).reshape(full)
+        full, _, body = self._files[key]
+        p, n = self.pos0, self.n
+        if stage in ATTENTION_STAGES:
+            rows = body[:, p:p + n, :p + n]
+        elif stage == "lm_head":
+            rows = body[self.step:self.step + 1]
+        else:
+            rows = body[p:p + n]
+        if rows.shape != tuple(shape):
+            raise EngineError(f"llama.cpp's {stage}" + ("" if layer is None else f" of layer {layer}")
+                              + f" has shape {tuple(shape)} in forward {self.step}; its file {full} "
+                              f"expects {rows.shape}")
+        return rows
+
+    def finish(self) -> list[tuple[str, int | None, tuple, Path]]:
+        """Publish every file (rename) in forward order; return (stage, layer, shape, path) for each."""
+        written = []
+        for key in planned_keys(self.plan):
+            if key not in self._files:
+                continue
+            full, path, _ = self._files.pop(key)  # dropping the map unmaps it; its pages are the file's
+            os.replace(partial_path(path), path)
+            written.append((*key, full, path))
+        return written
+
+    def abort(self) -> None:
+        """Delete the unfinished files."""
+        for _, path, _ in self._files.values():
+            partial_path(path).unlink(missing_ok=True)
+        self._files.clear()
+
+
+def _llama_plan(plan: TracePlan) -> TracePlan:
+    """`plan` without the stages llama.cpp does not expose."""
+    return TracePlan(tuple(s for s in plan.stages if s not in UNEXPOSED), plan.layers)
+
+
+def _check_complete(plan: TracePlan, written, where: str = "") -> None:
+    missing = [k for k in planned_keys(plan) if k not in written]
+    if missing:
+        stage, layer = missing[0]
+        raise EngineError(f"llama.cpp's graph gave no value for stage {stage}"
+                          + ("" if layer is None else f" of layer {layer}") + where)
+
+
+def _remove_capture(out: Path, plan: TracePlan) -> None:
+    """Remove this capture's files (published or partial) and the layer folders left empty."""
+    for key in planned_keys(plan):
+        path = stage_path(out, *key)
+        for p in (path, partial_path(path)):
+            p.unlink(missing_ok=True)
+    for d in out.glob("layer-*"):
+        try:
+            d.rmdir()  # only if empty
+        except OSError:
+            pass
+
+
+def _write_manifest(out: Path, model_path, cfg, plan: TracePlan, prompt: str, ids, model_sha256, seconds: float,
+                    written, with_stats: bool, **extra) -> dict:
+    """Write manifest.json (atomically, last) for the published files `written`; return it."""
+    from trace.llama_graph import llama_cpp_version
     entries = []
-    for stage, layer, shape, path in sink.finish():
+    for stage, layer, shape, path in written:
         entry = {"stage": stage, "layer": layer, "shape": list(shape), "path": path.relative_to(out).as_posix(),
                  "count": int(np.prod(shape))}
         if with_stats:
@@ -206,10 +329,105 @@ def capture_llama(model_path, ids: list[int], plan: TracePlan, out: Path, prompt
     manifest = {
         "format": "APRT", "engine": "llama.cpp", "llama_cpp_python": llama_cpp_version(), "model": str(model_path),
         "sha256": model_sha256, "arch": cfg.arch, "n_layers": cfg.n_layers, "prompt": prompt,
-        "token_ids": [int(i) for i in ids], "n_tokens": len(ids), "stages": list(stages),
+        "token_ids": [int(i) for i in ids], "n_tokens": len(ids), "stages": list(plan.stages),
         "layers": list(plan.layers), "forward_seconds": round(seconds, 4), "files": entries,
-        "derived": {s: DERIVED[s] for s in stages if s in DERIVED},
+        "derived": {s: DERIVED[s] for s in plan.stages if s in DERIVED},
         "unavailable": {s: UNEXPOSED[s] for s in STAGES if s in UNEXPOSED},
+        **extra,
     }
     _write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def capture_llama(model_path, ids: list[int], plan: TracePlan, out: Path, prompt: str, cfg,
+                  with_stats: bool = False, model_sha256: str | None = None, progress: bool = False,
+                  n_threads: int = 2) -> dict:
+    """llama.cpp's forward over ids with `plan`'s stages written under `out` (which must exist); the manifest.
+
+    Like trace.capture.capture: on any failure the files are removed and no manifest is written.
+    """
+    from trace.llama_graph import run_graph
+    out = Path(out)
+    plan = _llama_plan(plan)
+    if not ids:
+        raise EngineError("the prompt has no tokens; nothing to trace")
+    sink = TraceSink(out, plan, cfg.n_layers)
+    col = _Collector(sink, plan, len(ids), cfg.n_layers, progress)
+    t0 = time.perf_counter()
+    try:
+        try:
+            run_graph(model_path, ids, col.want, col.take, n_threads=n_threads)
+            _check_complete(plan, col.written)
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            if progress:
+                sys.stderr.write("\n")
+        seconds = time.perf_counter() - t0
+        return _write_manifest(out, model_path, cfg, plan, prompt, ids, model_sha256, seconds, sink.finish(),
+                               with_stats)
+    except BaseException:
+        _remove_capture(out, plan)  # failed while publishing or writing the manifest too
+        raise
+
+
+def capture_llama_generation(model_path, token_ids: list[int], n_prompt: int, plan: TracePlan, out: Path,
+                             prompt: str, cfg, model_sha256: str | None = None, n_threads: int = 2,
+                             progress: bool = False) -> dict:
+    """llama.cpp decoding `token_ids` as a generation: `plan`'s stages of every forward under `out`; the manifest.
+
+    llama.cpp evaluates ``token_ids[:n_prompt]`` in one llama_decode, then each later token in
+    a llama_decode of its own, KV cache kept, in one context. Files (paths and headers as
+    capture_llama's): per-token stages ``[T, dim]`` (row t from the forward that consumed
+    ``token_ids[t]``), attn_scores / attn_softmax ``[heads, T, T]`` (row t over keys 0..t, zeros
+    after), lm_head ``[T - n_prompt + 1, vocab]`` (row i: the logits at position n_prompt-1+i).
+    The manifest has capture_llama's keys plus ``layout: "generation"``, ``prompt_tokens``
+    (n_prompt) and ``generated_ids`` (``token_ids[n_prompt:]``); ``token_ids`` and ``n_tokens``
+    cover the whole sequence. `out` must exist; on any failure (or interrupt) the files are
+    removed and no manifest is written. ``progress`` reports each llama_decode on stderr.
+    """
+    from trace.llama_graph import LlamaGraph
+    out = Path(out)
+    plan = _llama_plan(plan)
+    ids = [int(i) for i in token_ids]
+    n_tokens = len(ids)
+    if not ids:
+        raise EngineError("the sequence has no tokens; nothing to trace")
+    if not 0 < n_prompt <= n_tokens:
+        raise EngineError(f"the prompt must be 1..{n_tokens} of the {n_tokens} tokens, got {n_prompt}")
+    if n_tokens > cfg.context:
+        raise EngineError(f"the sequence has {n_tokens} tokens, which exceeds the model's context length "
+                          f"{cfg.context}")
+    bad = [layer for layer in plan.layers if not 0 <= layer < cfg.n_layers]
+    if bad:
+        raise EngineError(f"plan layer {bad[0]} is out of range: the model has {cfg.n_layers} layers")
+    # forward k: (first position, tokens); forward 0 is the whole prompt
+    forwards = [(0, ids[:n_prompt])] + [(t, ids[t:t + 1]) for t in range(n_prompt, n_tokens)]
+    files = _GenerationFiles(out, plan, n_tokens, n_prompt)
+    col = _Collector(files, plan, n_prompt, cfg.n_layers, False)
+    t0 = time.perf_counter()
+    try:
+        try:
+            with LlamaGraph(model_path, n_tokens, col.want, col.take, n_threads=n_threads,
+                            n_batch_tokens=n_prompt) as graph:
+                for step, (pos0, chunk) in enumerate(forwards):
+                    if progress:
+                        sys.stderr.write(f"\rllama.cpp: step {step + 1}/{len(forwards)}")
+                        sys.stderr.flush()
+                    files.begin(step, pos0, len(chunk))
+                    col.begin(pos0, len(chunk))
+                    graph.decode(chunk, pos0)
+                    _check_complete(plan, col.written, f" in llama_decode {step + 1} of {len(forwards)}")
+        except BaseException:
+            files.abort()
+            raise
+        finally:
+            if progress:
+                sys.stderr.write("\n")
+        seconds = time.perf_counter() - t0
+        return _write_manifest(out, model_path, cfg, plan, prompt, ids, model_sha256, seconds, files.finish(),
+                               False, layout="generation", prompt_tokens=n_prompt, generated_ids=ids[n_prompt:])
+    except BaseException:
+        _remove_capture(out, plan)
+        raise

@@ -1,11 +1,12 @@
 """Run llama.cpp (llama-cpp-python) over token ids and read its graph nodes with a ``cb_eval`` callback.
 
 llama-cpp-python is an optional extra (``pip install '.[llamacpp]'``); nothing in the
-core imports this module. ``run_graph`` loads the model with llama.cpp's low-level C
-API, decodes all ids in ONE ``llama_decode`` (one micro-batch, logits for every
-position, flash attention off, KV cache f16 as llama.cpp defaults) and calls
-``want(name, op)`` for every graph node before it is computed (the scheduler's
-``ask`` call) and ``take(node)`` after a wanted node has been computed.
+core imports this module. ``LlamaGraph`` loads the model with llama.cpp's low-level C
+API and makes one context whose ``decode(ids, pos0)`` runs ONE ``llama_decode`` (one
+micro-batch, logits for every position, flash attention off, KV cache f16 as llama.cpp
+defaults, kept between calls) and calls ``want(name, op)`` for every graph node before
+it is computed (the scheduler's ``ask`` call) and ``take(node)`` after a wanted node
+has been computed. ``run_graph`` is one such decode of all ids from position 0.
 
 ggml's node struct is read with ctypes (``GGMLTensor``, the ``struct ggml_tensor``
 of ggml 0.25.x, which llama-cpp-python 0.3.36 ships); the layout is checked against
@@ -120,77 +121,125 @@ def _quiet_logs(llama_cpp) -> None:
         llama_cpp.llama_log_set(_LOG_CALLBACK[0], ctypes.c_void_p())
 
 
-def run_graph(model_path, ids, want, take, n_threads: int = 2) -> None:
-    """Decode ``ids`` from position 0 in one llama_decode; ``want(name, op) -> bool`` picks the nodes
-    whose values ``take(Node)`` receives, in compute order. Raises EngineError on llama.cpp failures;
-    an exception raised by ``take`` stops the graph and propagates."""
-    llama_cpp = import_llama_cpp()
-    ggml = _ggml_base(llama_cpp)
-    n = len(ids)
-    if n == 0:
-        raise EngineError("the prompt has no tokens; nothing to trace")
-    state = {"checked": False, "error": None}
+class LlamaGraph:
+    """One llama.cpp model and context whose decodes report their graph nodes; a context manager.
 
-    def callback(ptr, ask, _user):
+    ``want(name, op) -> bool`` picks the nodes whose values ``take(Node)`` receives, in compute
+    order, for every ``decode`` call. The context holds ``n_ctx_tokens`` positions (rounded up to
+    a multiple of 256, at least 256) and one micro-batch of up to ``max(512, n_batch_tokens)``
+    tokens, so a batch of that size is ONE graph. The KV cache persists between ``decode`` calls
+    (one sequence, id 0), as in a generation; flash attention is off, so the ``kq`` /
+    ``kq_soft_max`` nodes exist. Raises EngineError on llama.cpp failures.
+    """
+
+    def __init__(self, model_path, n_ctx_tokens: int, want, take, n_threads: int = 2,
+                 n_batch_tokens: int | None = None):
+        llama_cpp = import_llama_cpp()
+        self._lib, ggml = llama_cpp, _ggml_base(llama_cpp)
+        n_batch = n_ctx_tokens if n_batch_tokens is None else n_batch_tokens
+        if n_ctx_tokens <= 0:
+            raise EngineError("the prompt has no tokens; nothing to trace")
+        if not 0 < n_batch <= n_ctx_tokens:
+            raise EngineError(f"a batch of {n_batch} tokens does not fit a context of {n_ctx_tokens}")
+        self._state = state = {"checked": False, "error": None}
+
+        def callback(ptr, ask, _user):
+            try:
+                t = GGMLTensor.from_address(ptr)
+                if not state["checked"]:
+                    if (t.name.decode(errors="replace") != ggml.ggml_get_name(ptr).decode(errors="replace")
+                            or int(np.prod([t.ne[i] for i in range(4)])) != ggml.ggml_nelements(ptr)):
+                        raise EngineError("llama.cpp's ggml_tensor layout differs from the one this code reads "
+                                          f"(llama-cpp-python {llama_cpp_version()}; expected 0.3.36)")
+                    state["checked"] = True
+                name = t.name.decode(errors="replace")
+                op = ggml.ggml_op_desc(ptr).decode()
+                if ask:
+                    return bool(want(name, op))
+                take(Node(name, op, tuple(int(x) for x in t.ne), tuple(int(x) for x in t.op_params),
+                          _read_values(t, int(ggml.ggml_nbytes(ptr)))))
+                return True
+            except BaseException as e:  # never let an exception cross into C: stop the graph instead
+                state["error"] = e
+                return False
+
+        self._cb = llama_cpp.ggml_backend_sched_eval_callback(callback)  # kept alive as long as the context
+        _quiet_logs(llama_cpp)
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        mparams.use_mmap = True
+        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not self._model:
+            raise EngineError(f"llama.cpp could not load {model_path}")
+        self._ctx = self._batch = None
         try:
-            t = GGMLTensor.from_address(ptr)
-            if not state["checked"]:
-                if (t.name.decode(errors="replace") != ggml.ggml_get_name(ptr).decode(errors="replace")
-                        or int(np.prod([t.ne[i] for i in range(4)])) != ggml.ggml_nelements(ptr)):
-                    raise EngineError("llama.cpp's ggml_tensor layout differs from the one this code reads "
-                                      f"(llama-cpp-python {llama_cpp_version()}; expected 0.3.36)")
-                state["checked"] = True
-            name = t.name.decode(errors="replace")
-            op = ggml.ggml_op_desc(ptr).decode()
-            if ask:
-                return bool(want(name, op))
-            take(Node(name, op, tuple(int(x) for x in t.ne), tuple(int(x) for x in t.op_params),
-                      _read_values(t, int(ggml.ggml_nbytes(ptr)))))
-            return True
-        except BaseException as e:  # never let an exception cross into C: stop the graph instead
-            state["error"] = e
-            return False
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = max(256, -(-n_ctx_tokens // 256) * 256)
+            cparams.n_batch = cparams.n_ubatch = max(512, n_batch)
+            cparams.n_seq_max = 1
+            cparams.n_threads = cparams.n_threads_batch = n_threads
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            cparams.cb_eval = self._cb
+            cparams.cb_eval_user_data = None
+            cparams.no_perf = True
+            self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+            if not self._ctx:
+                raise EngineError(f"llama.cpp could not create a context for {model_path}")
+            self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+            self._n_batch, self._n_ctx = n_batch, n_ctx_tokens
+        except BaseException:
+            self.close()
+            raise
 
-    cb = llama_cpp.ggml_backend_sched_eval_callback(callback)
-    _quiet_logs(llama_cpp)
-    llama_cpp.llama_backend_init()
-    mparams = llama_cpp.llama_model_default_params()
-    mparams.n_gpu_layers = 0
-    mparams.use_mmap = True
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
-    if not model:
-        raise EngineError(f"llama.cpp could not load {model_path}")
-    ctx = batch = None
-    try:
-        cparams = llama_cpp.llama_context_default_params()
-        n_ctx = max(256, -(-n // 256) * 256)
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = max(512, n)
-        cparams.n_seq_max = 1
-        cparams.n_threads = cparams.n_threads_batch = n_threads
-        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        cparams.cb_eval = cb
-        cparams.cb_eval_user_data = None
-        cparams.no_perf = True
-        ctx = llama_cpp.llama_init_from_model(model, cparams)
-        if not ctx:
-            raise EngineError(f"llama.cpp could not create a context for {model_path}")
-        batch = llama_cpp.llama_batch_init(n, 0, 1)
+    def decode(self, ids, pos0: int) -> None:
+        """Decode ``ids`` at positions ``pos0 ..`` in one llama_decode, logits for every position; an
+        exception raised by ``take`` stops the graph and propagates from here."""
+        n = len(ids)
+        if not 0 < n <= self._n_batch or not 0 <= pos0 <= self._n_ctx - n:
+            raise EngineError(f"cannot decode {n} tokens at position {pos0} (batch {self._n_batch}, "
+                              f"context {self._n_ctx})")
+        batch = self._batch
         for i, tok in enumerate(ids):
             batch.token[i] = int(tok)
-            batch.pos[i] = i
+            batch.pos[i] = pos0 + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = True
         batch.n_tokens = n
-        rc = llama_cpp.llama_decode(ctx, batch)
-        if state["error"] is not None:
-            raise state["error"]
+        rc = self._lib.llama_decode(self._ctx, batch)
+        if self._state["error"] is not None:
+            error, self._state["error"] = self._state["error"], None
+            raise error
         if rc != 0:
             raise EngineError(f"llama_decode failed with code {rc}")
-    finally:
-        if batch is not None:
-            llama_cpp.llama_batch_free(batch)
-        if ctx:
-            llama_cpp.llama_free(ctx)
-        llama_cpp.llama_model_free(model)
+
+    def close(self) -> None:
+        """Free the batch, the context and the model (idempotent)."""
+        lib = self._lib
+        if self._batch is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def run_graph(model_path, ids, want, take, n_threads: int = 2) -> None:
+    """Decode ``ids`` from position 0 in one llama_decode; ``want(name, op) -> bool`` picks the nodes
+    whose values ``take(Node)`` receives, in compute order. Raises EngineError on llama.cpp failures;
+    an exception raised by ``take`` stops the graph and propagates."""
+    if len(ids) == 0:
+        raise EngineError("the prompt has no tokens; nothing to trace")
+    with LlamaGraph(model_path, len(ids), want, take, n_threads=n_threads) as graph:
+        graph.decode(ids, 0)

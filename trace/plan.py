@@ -90,3 +90,15 @@ class TracePlan:
 
     def __repr__(self):
         return f"TracePlan(stages={self.stages!r}, layers={self.layers!r})"
+
+
+# Stages whose values are [heads, query, key] rather than [token, dim].
+ATTENTION_STAGES = ("attn_scores", "attn_softmax")
+
+
+def planned_keys(plan: TracePlan) -> list[tuple[str, int | None]]:
+    """Every (stage, layer) the plan captures, in the order the forward computes them."""
+    per_layer = [s for s in plan.stages if s not in WHOLE_MODEL_STAGES]
+    keys = [("embedding", None)] if "embedding" in plan.stages else []
+    keys += [(s, layer) for layer in plan.layers for s in per_layer]
+    return keys + [(s, None) for s in ("final_norm", "lm_head") if s in plan.stages]
