@@ -1,13 +1,14 @@
 """numgguf: run, trace and inspect GGUF language models on the CPU.
 
 Usage:
-  cli run [MODEL] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--raw] [--threads N] [--ctx N] [--exact]
-  cli score [MODEL] (--text TEXT | --ids IDS) [--raw] [--top N] [--json] [--threads N] [--exact]
-  cli trace [MODEL] [--prompt TEXT] [--raw] [--stages LIST] [--layers RANGE] [--out DIR] [--stats] [--force] [--threads N] [--engine NAME] [--exact]
+  cli run [MODEL] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--raw] [--no-escape] [--threads N] [--ctx N] [--exact]
+  cli score [MODEL] (--text TEXT | --ids IDS) [--raw] [--no-escape] [--top N] [--json] [--threads N] [--exact]
+  cli trace [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--stages LIST] [--layers RANGE] [--out DIR] [--stats] [--force] [--threads N] [--engine NAME] [--exact] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
   cli diff PATH_A PATH_B [--atol X] [--rtol Y] [--json]
-  cli bisect [MODEL] [--prompt TEXT] [--raw] [--reference-model PATH] [--min-cosine C] [--atol X] [--rtol Y] [--plot FILE] [--json] [--threads N]
+  cli bisect [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--reference-model PATH] [--min-cosine C] [--atol X] [--rtol Y] [--plot FILE] [--json] [--threads N] [--max-tokens N] [--against NAME]
   cli bench [MODEL] [--prompt-tokens N] [--gen-tokens N] [--threads N] [--repeat N] [--vs-llama-cpp] [--json]
-  cli tokenize [MODEL] TEXT [--special]
+  cli tokenize TEXT [--special] [--no-escape]
+  cli tokenize MODEL TEXT [--special] [--no-escape]
   cli fetch [KEY]
   cli inspect MODEL
   cli contracts [NAMES...] [--mutate] [--json]
@@ -16,7 +17,8 @@ Usage:
 Commands:
   run        Generate text (streamed to stdout; statistics on stderr).
   score      Teacher-forced forward over a sequence: log p of each next token, top-N, perplexity.
-  trace      One prefill forward with the selected stages written as APRT files (zero copy).
+  trace      The selected stages written as APRT files (zero copy): of the prompt's prefill, or
+             (with --max-tokens) of the whole generation.
   diff       Compare two captures (or two .bin files); name the first stage that parts.
   bisect     Capture every stage of every layer with our engine and with llama.cpp; name the
              first (layer, stage) that diverges (needs llama-cpp-python: pip install '.[llamacpp]').
@@ -38,7 +40,12 @@ Options:
                      trace: "What is 2+2?").
   --raw              Send the text as is (special tokens like <|im_start|> in it are parsed);
                      otherwise the model's chat template is applied.
-  --max-tokens N     Stop after N generated tokens [default: 256].
+  --no-escape        Take --prompt, --text and TEXT literally. By default, as in llama.cpp's
+                     CLI, the escapes \\n \\r \\t \\' \\" \\\\ and \\xHH are processed, so a shell
+                     argument can hold a chat turn's newlines.
+  --max-tokens N     Stop after N generated tokens (run: default 256). trace: generate N tokens and
+                     capture every forward (prefill and each decode step); without it, the prompt's
+                     prefill only.
   --temperature T    0 = greedy [default: 0].
   --top-k K          Keep the K most likely tokens, 0 = off [default: 0].
   --top-p P          Nucleus sampling mass in (0, 1] [default: 1.0].
@@ -46,7 +53,8 @@ Options:
   --threads N        Worker threads [default: 2].
   --ctx N            Context size in tokens (default: the model's, at most 32768).
   --exact            float32 arithmetic throughout (slower): every weight dequantized exactly and
-                     K/V kept in float32, for comparison with a float reference. By default
+                     K/V kept in float32 (attention scores summed in float64), for comparison
+                     with a float reference. By default
                      activations are rounded to int8 for quantized matmuls and K/V to f16, as
                      llama.cpp does.
   --text TEXT        Text to score.
@@ -62,7 +70,12 @@ Options:
   --rtol Y           Relative tolerance (diff: default 1e-5; bisect: off unless given).
   --engine NAME      Whose forward trace captures: numgguf or llama.cpp [default: numgguf].
   --reference-model PATH  The GGUF llama.cpp runs in bisect (default: MODEL itself).
-  --min-cosine C     bisect: a stage agrees when cosine(ours, llama.cpp) >= C [default: 0.99].
+  --min-cosine C     bisect: a stage agrees when cosine(ours, reference) >= C (default 0.99;
+                     0.98 for --max-tokens against llama.cpp, whose decode rows are single
+                     tokens: noisier than whole prompts, measured down to 0.991).
+  --against NAME     bisect --max-tokens: the reference, llama.cpp (decoding our generated tokens
+                     step by step) or prefill (our own teacher-forced prefill of the whole
+                     sequence, no llama.cpp needed) [default: llama.cpp].
   --plot FILE        bisect: write a per-layer, per-stage heat map of 1 - cosine (needs matplotlib).
   --special          Parse special-token text (e.g. <|im_start|>) as special tokens.
   --prompt-tokens N  bench: prompt length in tokens [default: 128].
@@ -105,7 +118,61 @@ def _float(args, key):
     return x
 
 
+def process_escapes(text: str) -> str:
+    """Process backslash escapes as llama.cpp's CLI does (common.cpp's string_process_escapes):
+    \\n \\r \\t \\' \\" \\\\ and \\xHH (a byte; consecutive ones may form a UTF-8 character).
+    Any other backslash is kept as it is."""
+    if "\\" not in text:
+        return text
+    simple = {"n": b"\n", "r": b"\r", "t": b"\t", "'": b"'", '"': b'"', "\\": b"\\"}
+    out, i, n = bytearray(), 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n:
+            e = text[i + 1]
+            if e in simple:
+                out += simple[e]
+                i += 2
+                continue
+            hx = text[i + 2:i + 4]
+            if e == "x" and len(hx) == 2 and all(h in "0123456789abcdefABCDEF" for h in hx):
+                out.append(int(hx, 16))
+                i += 4
+                continue
+        out += c.encode("utf-8", "surrogatepass")
+        i += 1
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EngineError(f"\\x escapes in {text!r} do not form valid UTF-8 ({e.reason}); "
+                          "pass --no-escape to take the text literally") from None
+
+
+def _text(args, key):
+    """The text of option/argument `key`, escapes processed unless --no-escape."""
+    v = args[key]
+    return v if v is None or args.get("--no-escape") else process_escapes(v)
+
+
+def strict_json(v):
+    """v with non-finite floats as the strings "inf", "-inf", "nan": JSON has no Infinity/NaN."""
+    import math
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if v != v else ("inf" if v > 0 else "-inf")
+    if isinstance(v, dict):
+        return {k: strict_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [strict_json(x) for x in v]
+    return v
+
+
+def print_json(obj) -> None:
+    """Print obj as one line of strict JSON (see strict_json)."""
+    print(json.dumps(strict_json(obj), allow_nan=False))
+
+
 RUN_PROMPT = "Write a Python function that reverses a string."
+RUN_MAX_TOKENS = 256
 TRACE_PROMPT = "What is 2+2?"  # the prompt `apr trace` uses
 
 
@@ -114,17 +181,27 @@ def _load(args, threads=None, n_ctx=None):
     return Engine.load(args["MODEL"], n_ctx=n_ctx, threads=threads, exact=bool(args.get("--exact")))
 
 
-def cmd_run(args) -> int:
-    from engine.generate import GenStats
+def _sampler(args):
     from engine.sampling import Sampler
+    return Sampler(_float(args, "--temperature"), _int(args, "--top-k", 0), _float(args, "--top-p"),
+                   _int(args, "--seed"))
+
+
+def cmd_run(args) -> int:
+    from engine.generate import GenStats, check_prompt
     max_tokens = _int(args, "--max-tokens", 1, 1_000_000)
+    max_tokens = RUN_MAX_TOKENS if max_tokens is None else max_tokens
     threads = _int(args, "--threads", 1)
     n_ctx = _int(args, "--ctx", 1, 1 << 20)
-    sampler = Sampler(_float(args, "--temperature"), _int(args, "--top-k", 0), _float(args, "--top-p"),
-                      _int(args, "--seed"))
+    sampler = _sampler(args)
     eng = _load(args, threads, n_ctx)
-    prompt = args["--prompt"] if args["--prompt"] is not None else RUN_PROMPT
+    prompt = _text(args, "--prompt") if args["--prompt"] is not None else RUN_PROMPT
     ids = eng.prompt_ids(prompt, raw=args["--raw"])
+    check_prompt(ids, eng.n_ctx)
+    # load and kernel set-up on their own line, so that the prefill rate below is the forward's own
+    kernel_s = eng.warm_up()
+    print(f"loaded {eng.path.name} in {eng.load_seconds:.2f} s; kernels ready in {kernel_s:.2f} s",
+          file=sys.stderr)
     stats = GenStats()
     dec = eng.tokenizer.stream_decoder()
     eog = eng.tokenizer.eog_ids
@@ -159,12 +236,10 @@ def cmd_score(args) -> int:
         if bad:
             raise EngineError(f"--ids: token id {bad[0]} is out of range [0, {eng.config.vocab})")
     else:
-        ids = eng.prompt_ids(args["--text"], raw=args["--raw"])
-    if len(ids) > eng.n_ctx:
-        eng = _load(args, None, len(ids))
-    result = eng.score(ids, top=top)
+        ids = eng.prompt_ids(_text(args, "--text"), raw=args["--raw"])
+    result = eng.new_session(n_ctx=max(eng.n_ctx, len(ids))).score(ids, top=top)
     if args["--json"]:
-        print(json.dumps(result))
+        print_json(result)
         return 0
     tok = eng.tokenizer
     for p in result["positions"]:
@@ -180,10 +255,12 @@ def cmd_score(args) -> int:
 def cmd_trace(args) -> int:
     from pathlib import Path
     from engine.fetch import MODELS, DEFAULT_MODEL
-    from trace.capture import (capture, check_out_dir, default_out_dir, file_sha256, format_stats, plan_for_model,
+    from trace.capture import (capture, capture_generation, check_ids, check_out_dir, default_out_dir, file_sha256, format_stats, plan_for_model,
                                prepare_out_dir)
     from trace.plan import PlanError, parse_stages
     threads = _int(args, "--threads", 1)
+    max_tokens = _int(args, "--max-tokens", 1, 1_000_000)
+    sampler = _sampler(args)
     try:  # stage names need no model: fail before loading one
         stages = parse_stages(args["--stages"])
     except PlanError as e:
@@ -191,6 +268,9 @@ def cmd_trace(args) -> int:
     engine_name = (args["--engine"] or "numgguf").lower()
     if engine_name not in ("numgguf", "llama.cpp"):
         raise EngineError(f"--engine must be numgguf or llama.cpp, got {args['--engine']!r}")
+    if engine_name == "llama.cpp" and max_tokens is not None:
+        raise EngineError("--max-tokens with --engine llama.cpp is not supported: llama.cpp does not sample here; "
+                          "`bisect --max-tokens N` captures llama.cpp decoding our generated tokens")
     if engine_name == "llama.cpp":
         from trace.llama_capture import check_stages
         from trace.llama_graph import import_llama_cpp
@@ -199,13 +279,10 @@ def cmd_trace(args) -> int:
     if args["--out"] is not None:
         check_out_dir(Path(args["--out"]), args["--force"])
     eng = _load(args, threads)
-    prompt = args["--prompt"] if args["--prompt"] is not None else TRACE_PROMPT
+    prompt = _text(args, "--prompt") if args["--prompt"] is not None else TRACE_PROMPT
     ids = eng.prompt_ids(prompt, raw=args["--raw"])
     plan = plan_for_model(args["--stages"], args["--layers"], eng.config)
-    if not ids:
-        raise EngineError("the prompt has no tokens; nothing to trace")
-    if len(ids) > eng.n_ctx:
-        eng = _load(args, None, len(ids))
+    check_ids(ids, eng.config)
     key = args["MODEL"] or DEFAULT_MODEL
     name = (key if key in MODELS else Path(key).stem) + ("-llama.cpp" if engine_name == "llama.cpp" else "")
     out = Path(args["--out"]) if args["--out"] is not None else default_out_dir(name)
@@ -215,19 +292,33 @@ def cmd_trace(args) -> int:
         from trace.llama_capture import capture_llama
         manifest = capture_llama(eng.path, ids, plan, out, prompt, eng.config, with_stats=args["--stats"],
                                  model_sha256=sha, progress=sys.stderr.isatty(), n_threads=threads or 2)
+    elif max_tokens is not None:
+        dec, eog = eng.tokenizer.stream_decoder(), eng.tokenizer.eog_ids
+
+        def stream(tok):
+            if tok not in eog:
+                sys.stdout.write(dec.push(tok))
+                sys.stdout.flush()
+        manifest = capture_generation(eng, ids, plan, out, prompt, max_tokens, sampler, with_stats=args["--stats"],
+                                      model_sha256=sha, on_token=stream)
+        sys.stdout.write(dec.flush() + "\n")
     else:
         manifest = capture(eng, ids, plan, out, prompt, with_stats=args["--stats"], model_sha256=sha,
                            progress=sys.stderr.isatty())
     if args["--stats"]:
         print(format_stats(manifest))
-    print(f"wrote {len(manifest['files'])} files for {len(ids)} tokens in {manifest['forward_seconds']:.2f} s",
-          file=sys.stderr)
+    if max_tokens is not None:
+        print(f"wrote {len(manifest['files'])} files for {manifest['n_tokens']} positions ({len(ids)} prompt + "
+              f"{len(manifest['generated_ids'])} generated tokens, stop: {manifest['stop_reason']}) in "
+              f"{manifest['forward_seconds']:.2f} s", file=sys.stderr)
+    else:
+        print(f"wrote {len(manifest['files'])} files for {len(ids)} tokens in {manifest['forward_seconds']:.2f} s",
+              file=sys.stderr)
     print(out)
     return 0
 
 
 def cmd_diff(args) -> int:
-    import math
     from trace.aprt import AprtError
     from trace.diff import DiffError, diff_captures, format_report
     from trace.diff import DEFAULT_ATOL, DEFAULT_RTOL
@@ -241,17 +332,8 @@ def cmd_diff(args) -> int:
     except (AprtError, DiffError) as e:
         raise EngineError(str(e)) from None
 
-    def strict(v):  # JSON has no Infinity/NaN: non-finite floats become the strings "inf", "-inf", "nan"
-        if isinstance(v, float) and not math.isfinite(v):
-            return "nan" if v != v else ("inf" if v > 0 else "-inf")
-        if isinstance(v, dict):
-            return {k: strict(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [strict(x) for x in v]
-        return v
-
     if args["--json"]:
-        print(json.dumps(strict(report.to_json()), allow_nan=False))
+        print_json(report.to_json())
     else:
         print(format_report(report))
     return 0 if report.ok else 1
@@ -260,10 +342,22 @@ def cmd_diff(args) -> int:
 def cmd_bisect(args) -> int:
     import time
     from pathlib import Path
-    from trace.bisect import format_report, plot_report, run_bisect
+    from trace.bisect import (DEFAULT_MIN_COSINE, GEN_LLAMA_MIN_COSINE, format_report, plot_report, run_bisect,
+                              run_generation_bisect)
     from trace.llama_graph import import_llama_cpp
     threads = _int(args, "--threads", 1)
-    min_cos = _float(args, "--min-cosine")
+    max_tokens = _int(args, "--max-tokens", 1, 1_000_000)
+    against = args["--against"]
+    if against not in ("llama.cpp", "prefill"):
+        raise EngineError(f"--against must be llama.cpp or prefill, got {against!r}")
+    if against == "prefill" and max_tokens is None:
+        raise EngineError("--against prefill compares a generation's decode steps: give --max-tokens N")
+    if against == "prefill" and args["--reference-model"] is not None:
+        raise EngineError("--reference-model is llama.cpp's model; --against prefill uses MODEL itself")
+    if args["--min-cosine"] is not None:
+        min_cos = _float(args, "--min-cosine")
+    else:
+        min_cos = GEN_LLAMA_MIN_COSINE if max_tokens is not None and against == "llama.cpp" else DEFAULT_MIN_COSINE
     if not -1.0 <= min_cos <= 1.0:
         raise EngineError(f"--min-cosine must be between -1 and 1, got {min_cos:g}")
     tol = {}
@@ -279,8 +373,11 @@ def cmd_bisect(args) -> int:
             raise EngineError("--plot needs matplotlib, an optional extra: pip install '.[plot]'") from None
         if not plot.parent.is_dir():
             raise EngineError(f"--plot {plot}: folder {plot.parent} does not exist")
-    import_llama_cpp()
+    if against == "llama.cpp":
+        import_llama_cpp()
     eng = _load(args, threads)
+    kernel_s = eng.warm_up()   # kernels loaded before the timed captures
+    print(f"loaded {eng.path.name} in {eng.load_seconds:.2f} s; kernels ready in {kernel_s:.2f} s", file=sys.stderr)
     ref = eng.path
     if args["--reference-model"] is not None:
         from engine.model import open_model
@@ -293,28 +390,33 @@ def cmd_bisect(args) -> int:
         if bad:
             raise EngineError(f"--reference-model {ref} does not have MODEL's shape: {bad[0]} "
                               f"{getattr(rcfg, bad[0], None)} vs {getattr(eng.config, bad[0], None)}")
-    prompt = args["--prompt"] if args["--prompt"] is not None else TRACE_PROMPT
+    prompt = _text(args, "--prompt") if args["--prompt"] is not None else TRACE_PROMPT
     ids = eng.prompt_ids(prompt, raw=args["--raw"])
     if not ids:
         raise EngineError("the prompt has no tokens; nothing to compare")
-    if len(ids) > eng.n_ctx:
-        eng = _load(args, None, len(ids))
     t0 = time.perf_counter()
-    report = run_bisect(eng, ids, prompt, ref, min_cos, tol["--atol"], tol["--rtol"], threads=threads or 2,
-                        progress=sys.stderr.isatty())
+    if max_tokens is not None:
+        report = run_generation_bisect(eng, ids, prompt, max_tokens, against, ref, min_cos, tol["--atol"],
+                                       tol["--rtol"], threads=threads or 2, progress=sys.stderr.isatty())
+    else:
+        report = run_bisect(eng, ids, prompt, ref, min_cos, tol["--atol"], tol["--rtol"], threads=threads or 2,
+                            progress=sys.stderr.isatty())
     seconds = time.perf_counter() - t0
     report.info["seconds"] = round(seconds, 2)
     if args["--json"]:
-        print(json.dumps(report.to_json(), default=lambda v: None if v != v else str(v)))
+        print_json(report.to_json())
     else:
         print(format_report(report))
     if plot is not None:
-        plot_report(report, plot, f"{Path(str(eng.path)).stem} vs llama.cpp ({Path(str(ref)).name}), "
-                                  f"{len(ids)} tokens")
+        where = "" if report.position is None else f", position {report.position}"
+        plot_report(report, plot, f"{Path(str(eng.path)).stem} vs {against} ({Path(str(ref)).name}), "
+                                  f"{len(ids)} tokens{where}")
         print(f"plot: {plot}", file=sys.stderr)
     info = report.info
-    print(f"bisect: {len(ids)} tokens x {eng.config.n_layers} layers in {seconds:.1f} s (ours {info['ours_seconds']:.1f} s, "
-          f"llama.cpp {info['llama_seconds']:.1f} s); temporary captures {info['peak_disk_bytes'] / 1e6:.1f} MB "
+    n_tok = info["n_tokens"]
+    ref_s = info.get("reference_seconds", info.get("llama_seconds"))
+    print(f"bisect: {n_tok} tokens x {eng.config.n_layers} layers in {seconds:.1f} s (ours {info['ours_seconds']:.1f} s, "
+          f"{against} {ref_s:.1f} s); temporary captures {info['peak_disk_bytes'] / 1e6:.1f} MB "
           "(removed)", file=sys.stderr)
     return 0 if report.ok else 1
 
@@ -327,7 +429,7 @@ def cmd_tokenize(args) -> int:
     tok = Tokenizer.from_metadata(GGUFFile(path).metadata, source=str(path))
     from engine import failpoints
     special = args["--special"] and not failpoints.active("cli.tokenize_special")
-    print(json.dumps(tok.encode(args["TEXT"], parse_special=special)))
+    print(json.dumps(tok.encode(_text(args, "TEXT"), parse_special=special)))
     return 0
 
 
@@ -357,7 +459,10 @@ def cmd_bench(args) -> int:
     eng = Engine.load(args["MODEL"], n_ctx=prompt_tokens + gen_tokens + 8, threads=threads)
     log = None if args["--json"] else (lambda m: print(m, file=sys.stderr))
     result = run_bench(eng, prompt_tokens, gen_tokens, threads, repeat, vs_llama=args["--vs-llama-cpp"], log=log)
-    print(json.dumps(result) if args["--json"] else format_bench(result))
+    if args["--json"]:
+        print_json(result)
+    else:
+        print(format_bench(result))
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine import failpoints
 from engine.errors import EngineError
 from engine.model import Config
 
@@ -58,6 +59,7 @@ class KVCache:
             capacity *= 2
         k, v = self._allocate(min(capacity, self.n_ctx))
         old = self.capacity
-        k[..., :old] = self.k
-        v[:, :, :old] = self.v
+        if not failpoints.active("kv.grow_no_copy"):
+            k[..., :old] = self.k
+            v[:, :, :old] = self.v
         self.k, self.v = k, v
