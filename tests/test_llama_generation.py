@@ -29,7 +29,8 @@ import pytest
 from engine.errors import EngineError
 from tests.conftest import model_file
 from trace.aprt import read_aprt, stage_path
-from trace.llama_capture import _Collector, _GenerationFiles, capture_llama, capture_llama_generation
+from trace.llama_capture import _Collector, capture_llama, capture_llama_generation
+from trace.sink import GenerationSink
 from trace.plan import TracePlan
 
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
@@ -84,17 +85,24 @@ def _forward_nodes(pos0, n, n_kv_pad, heads, dim, vocab, rng, leak=False):
             ("result_output", "MUL_MAT", rng.standard_normal((1, 1, n, vocab)).astype(np.float32))]
 
 
+def _cfg(heads, dim, vocab):
+    """The config fields a GenerationSink sizes its files from (one layer, every width = dim)."""
+    from types import SimpleNamespace
+    return SimpleNamespace(n_layers=1, n_heads=heads, dim=dim, vocab=vocab, q_dim=dim, kv_dim=dim, ffn_dim=dim)
+
+
 def test_generation_files_rows_from_synthetic_forwards(tmp_path):
     """Prompt of 3 then 2 one-token forwards: rows land at their positions, lm_head one row per forward,
     attention rows over keys 0..t with zeros after; files appear only when published."""
     heads, dim, vocab, n_prompt, T, scale = 2, 4, 5, 3, 5, 0.25
     plan = TracePlan(("embedding", "attn_scores", "attn_softmax", "post_ffn_residual", "lm_head"), (0,))
-    files = _GenerationFiles(tmp_path, plan, T, n_prompt)
+    files = GenerationSink(tmp_path, plan, _cfg(heads, dim, vocab), T, n_prompt)
+    files.create()
     col = _Collector(files, plan, n_prompt, 1, False)
     rng = np.random.default_rng(0)
     fed = []
     for step, (pos0, n) in enumerate([(0, 3), (3, 1), (4, 1)]):
-        files.begin(step, pos0, n)
+        files.begin(pos0, n)
         col.begin(pos0, n)
         nodes = _forward_nodes(pos0, n, 256, heads, dim, vocab, rng)
         fed.append((pos0, n, {name: v for name, _, v in nodes}))
@@ -107,7 +115,7 @@ def test_generation_files_rows_from_synthetic_forwards(tmp_path):
         assert col.written == {("embedding", None), ("attn_scores", 0), ("attn_softmax", 0),
                                ("post_ffn_residual", 0), ("lm_head", None)}
     assert not list(tmp_path.rglob("*.bin"))  # nothing looks complete before finish
-    written = files.finish()
+    written = files.finish(T)
     assert [(s, L, shape) for s, L, shape, _ in written] == [
         ("embedding", None, (T, dim)), ("attn_scores", 0, (heads, T, T)), ("attn_softmax", 0, (heads, T, T)),
         ("post_ffn_residual", 0, (T, dim)), ("lm_head", None, (T - n_prompt + 1, vocab))]
@@ -130,9 +138,10 @@ def test_generation_files_rows_from_synthetic_forwards(tmp_path):
 
 def test_probability_on_a_masked_cell_is_an_error(tmp_path):
     plan = TracePlan(("attn_softmax",), (0,))
-    files = _GenerationFiles(tmp_path, plan, 4, 3)
+    files = GenerationSink(tmp_path, plan, _cfg(2, 4, 5), 4, 3)
+    files.create()
     col = _Collector(files, plan, 3, 1, False)
-    files.begin(1, 3, 1)
+    files.begin(3, 1)
     col.begin(3, 1)
     nodes = _forward_nodes(3, 1, 256, 2, 4, 5, np.random.default_rng(1), leak=True)
     name, op, v = nodes[2]
@@ -290,14 +299,14 @@ def test_failed_generation_capture_leaves_nothing(tmp_path, monkeypatch):
     from engine.model import read_config
     path = model_file("smollm2-135m-q4_1")
     cfg = read_config(GGUFFile(path))
-    begin = _GenerationFiles.begin
+    begin = GenerationSink.begin
 
-    def failing_begin(self, step, pos0, n):
-        if step == 3:
+    def failing_begin(self, pos0, n):
+        if pos0 == 7:   # the third decode step after the 5-token prompt
             raise KeyboardInterrupt
-        begin(self, step, pos0, n)
+        begin(self, pos0, n)
 
-    monkeypatch.setattr(_GenerationFiles, "begin", failing_begin)
+    monkeypatch.setattr(GenerationSink, "begin", failing_begin)
     with pytest.raises(KeyboardInterrupt):
         capture_llama_generation(path, list(range(100, 108)), 5,
                                  TracePlan(("attn_softmax", "post_ffn_residual", "lm_head"), (0,)), tmp_path,

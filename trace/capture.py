@@ -22,7 +22,6 @@ from engine.errors import EngineError
 from trace.aprt import partial_path, read_aprt, stage_path
 from trace.plan import ATTENTION_STAGES, PlanError, TracePlan, parse_layers, parse_stages, planned_keys  # noqa: F401
 from trace.sink import GenerationSink, TraceSink
-from trace.stages import WHOLE_MODEL_STAGES
 from trace.stats import attention_rows, stage_stats
 
 MANIFEST = "manifest.json"
@@ -169,15 +168,20 @@ def capture(engine, ids: list[int], plan: TracePlan, out: Path, prompt: str, wit
     except BaseException as e:
         # interrupted or failed after the forward too (publishing, statistics, manifest): remove this
         # capture's files, so a folder without a complete manifest holds nothing that looks complete
-        _remove_capture(out, plan)
-        if isinstance(e, OSError):
-            why = e.strerror or str(e)
-            raise EngineError(f"cannot write the capture to {out}: {why}"
-                              + (f" ({e.filename})" if e.filename else "") + "; partial files removed") from None
-        raise
+        _discard(out, plan, e)
 
 
-def _remove_capture(out: Path, plan: TracePlan) -> None:
+def _discard(out: Path, plan: TracePlan, e: BaseException):
+    """Remove the capture's files after `e`, then raise it (an OSError as a one-line EngineError)."""
+    remove_capture(out, plan)
+    if isinstance(e, OSError):
+        why = e.strerror or str(e)
+        raise EngineError(f"cannot write the capture to {out}: {why}"
+                          + (f" ({e.filename})" if e.filename else "") + "; partial files removed") from None
+    raise e
+
+
+def remove_capture(out: Path, plan: TracePlan) -> None:
     """Delete every file (final or .partial) the plan would write under out, and empty layer folders."""
     for key in planned_keys(plan):
         path = stage_path(out, *key)
@@ -283,12 +287,7 @@ def capture_generation(engine, ids: list[int], plan: TracePlan, out: Path, promp
         return _write_manifest(engine, token_ids, plan, out, prompt, with_stats, model_sha256, seconds, written,
                                extra)
     except BaseException as e:
-        _remove_capture(out, plan)
-        if isinstance(e, OSError):
-            why = e.strerror or str(e)
-            raise EngineError(f"cannot write the capture to {out}: {why}"
-                              + (f" ({e.filename})" if e.filename else "") + "; partial files removed") from None
-        raise
+        _discard(out, plan, e)
 
 
 def format_stats(manifest: dict) -> str:

@@ -11,7 +11,7 @@ arrives, that layer's stages are written in forward order and its nodes dropped.
 ``capture_llama_generation`` captures llama.cpp DECODING a token sequence as a
 generation does: the prompt in one llama_decode, then one llama_decode per later token,
 KV cache kept, one context throughout (``trace.llama_graph.LlamaGraph``). The same
-collector maps each forward's nodes to stages; ``_GenerationFiles`` writes its rows into
+collector maps each forward's nodes to stages; ``trace.sink.GenerationSink`` writes its rows into
 memory-mapped ``.partial`` files of the whole sequence's shape as each forward arrives
 (per-token stages ``[T, dim]``, row t from the forward that consumed token t; attention
 ``[heads, T, T]``; lm_head ``[T - n_prompt + 1, vocab]``, row i = the logits at position
@@ -40,8 +40,6 @@ Stages llama.cpp has no node for:
 """
 from __future__ import annotations
 
-import math
-import os
 import re
 import struct
 import sys
@@ -51,11 +49,11 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import EngineError
-from trace.capture import ATTENTION_STAGES, MANIFEST, _write_json_atomic, planned_keys
-from trace.aprt import create_aprt, partial_path, read_aprt, stage_path
+from trace.capture import ATTENTION_STAGES, MANIFEST, _write_json_atomic, planned_keys, remove_capture
+from trace.aprt import read_aprt
 from trace.llama_names import LLAMA_NAMES
 from trace.plan import TracePlan
-from trace.sink import TraceSink
+from trace.sink import GenerationSink, TraceSink
 from trace.stages import STAGES
 from trace.stats import attention_rows, stage_stats
 
@@ -104,7 +102,7 @@ class _Collector:
     """Maps graph nodes to dump stems, keeps the current layer's, and writes finished stages to the sink.
 
     ``sink.buffer(stage, layer, shape)`` gives the array a stage's value of one forward is copied
-    into (a TraceSink, or _GenerationFiles' rows of the current step). ``begin`` starts a forward of
+    into (a TraceSink, or a GenerationSink's rows of the current forward). ``begin`` starts a forward of
     ``n_tok`` tokens at positions ``pos0..``; the constructor starts one at position 0.
     """
 
@@ -214,79 +212,6 @@ class _Collector:
         self.written.add((stage, layer))
 
 
-class _GenerationFiles:
-    """A generation capture's files, filled row by row as llama.cpp's forwards arrive.
-
-    Each planned (stage, layer) is one ``.partial`` APRT file at the whole sequence's shape,
-    created when its first value arrives (a new file's body reads as zeros, which are the
-    masked attention entries): per-token stages ``[T, dim]``; attn_scores / attn_softmax
-    ``[heads, T, T]`` (a forward at positions p..p+n-1 fills rows p..p+n-1, keys 0..p+n-1);
-    lm_head ``[T - n_prompt + 1, vocab]``, one row per forward. ``buffer`` is the sink
-    interface the collector writes through; ``finish`` publishes by rename, ``abort`` deletes.
-    """
-
-    def __init__(self, out: Path, plan: TracePlan, n_tokens: int, n_prompt: int):
-        self.out, self.plan, self.n_tokens, self.n_prompt = Path(out), plan, n_tokens, n_prompt
-        self._files: dict[tuple[str, int | None], tuple[tuple, Path, np.memmap]] = {}
-        self.begin(0, 0, n_prompt)
-
-    def begin(self, step: int, pos0: int, n_tok: int) -> None:
-        """Start forward number ``step`` (0 = the prompt) over positions ``pos0 .. pos0+n_tok-1``."""
-        self.step, self.pos0, self.n = step, pos0, n_tok
-        self._requested: set[tuple[str, int | None]] = set()
-
-    def _full_shape(self, stage: str, shape: tuple) -> tuple:
-        if stage in ATTENTION_STAGES:
-            return shape[0], self.n_tokens, self.n_tokens
-        if stage == "lm_head":
-            return self.n_tokens - self.n_prompt + 1, shape[-1]
-        return self.n_tokens, shape[-1]
-
-    def buffer(self, stage: str, layer: int | None, shape: tuple) -> np.ndarray:
-        """The rows of (stage, layer)'s file the current forward's value of `shape` goes into."""
-        key = (stage, layer)
-        if key in self._requested:
-            raise ValueError(f"stage {stage} layer {layer} was requested twice in one forward")
-        self._requested.add(key)
-        if not self.plan.wants(stage, layer):
-            return np.empty(shape, np.float32)
-        if key not in self._files:
-            full = self._full_shape(stage, shape)
-            path = stage_path(self.out, stage, layer)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._files[key] = full, path, create_aprt(partial_path(path), layer, math.prod(full)).reshape(full)
-        full, _, body = self._files[key]
-        p, n = self.pos0, self.n
-        if stage in ATTENTION_STAGES:
-            rows = body[:, p:p + n, :p + n]
-        elif stage == "lm_head":
-            rows = body[self.step:self.step + 1]
-        else:
-            rows = body[p:p + n]
-        if rows.shape != tuple(shape):
-            raise EngineError(f"llama.cpp's {stage}" + ("" if layer is None else f" of layer {layer}")
-                              + f" has shape {tuple(shape)} in forward {self.step}; its file {full} "
-                              f"expects {rows.shape}")
-        return rows
-
-    def finish(self) -> list[tuple[str, int | None, tuple, Path]]:
-        """Publish every file (rename) in forward order; return (stage, layer, shape, path) for each."""
-        written = []
-        for key in planned_keys(self.plan):
-            if key not in self._files:
-                continue
-            full, path, _ = self._files.pop(key)  # dropping the map unmaps it; its pages are the file's
-            os.replace(partial_path(path), path)
-            written.append((*key, full, path))
-        return written
-
-    def abort(self) -> None:
-        """Delete the unfinished files."""
-        for _, path, _ in self._files.values():
-            partial_path(path).unlink(missing_ok=True)
-        self._files.clear()
-
-
 def _llama_plan(plan: TracePlan) -> TracePlan:
     """`plan` without the stages llama.cpp does not expose."""
     return TracePlan(tuple(s for s in plan.stages if s not in UNEXPOSED), plan.layers)
@@ -298,19 +223,6 @@ def _check_complete(plan: TracePlan, written, where: str = "") -> None:
         stage, layer = missing[0]
         raise EngineError(f"llama.cpp's graph gave no value for stage {stage}"
                           + ("" if layer is None else f" of layer {layer}") + where)
-
-
-def _remove_capture(out: Path, plan: TracePlan) -> None:
-    """Remove this capture's files (published or partial) and the layer folders left empty."""
-    for key in planned_keys(plan):
-        path = stage_path(out, *key)
-        for p in (path, partial_path(path)):
-            p.unlink(missing_ok=True)
-    for d in out.glob("layer-*"):
-        try:
-            d.rmdir()  # only if empty
-        except OSError:
-            pass
 
 
 def _write_manifest(out: Path, model_path, cfg, plan: TracePlan, prompt: str, ids, model_sha256, seconds: float,
@@ -368,7 +280,7 @@ def capture_llama(model_path, ids: list[int], plan: TracePlan, out: Path, prompt
         return _write_manifest(out, model_path, cfg, plan, prompt, ids, model_sha256, seconds, sink.finish(),
                                with_stats)
     except BaseException:
-        _remove_capture(out, plan)  # failed while publishing or writing the manifest too
+        remove_capture(out, plan)  # failed while publishing or writing the manifest too
         raise
 
 
@@ -404,18 +316,19 @@ def capture_llama_generation(model_path, token_ids: list[int], n_prompt: int, pl
         raise EngineError(f"plan layer {bad[0]} is out of range: the model has {cfg.n_layers} layers")
     # forward k: (first position, tokens); forward 0 is the whole prompt
     forwards = [(0, ids[:n_prompt])] + [(t, ids[t:t + 1]) for t in range(n_prompt, n_tokens)]
-    files = _GenerationFiles(out, plan, n_tokens, n_prompt)
+    files = GenerationSink(out, plan, cfg, n_tokens, n_prompt)   # the same files our engine's generation writes
     col = _Collector(files, plan, n_prompt, cfg.n_layers, False)
     t0 = time.perf_counter()
     try:
         try:
+            files.create()
             with LlamaGraph(model_path, n_tokens, col.want, col.take, n_threads=n_threads,
                             n_batch_tokens=n_prompt) as graph:
                 for step, (pos0, chunk) in enumerate(forwards):
                     if progress:
                         sys.stderr.write(f"\rllama.cpp: step {step + 1}/{len(forwards)}")
                         sys.stderr.flush()
-                    files.begin(step, pos0, len(chunk))
+                    files.begin(pos0, len(chunk))
                     col.begin(pos0, len(chunk))
                     graph.decode(chunk, pos0)
                     _check_complete(plan, col.written, f" in llama_decode {step + 1} of {len(forwards)}")
@@ -426,8 +339,8 @@ def capture_llama_generation(model_path, token_ids: list[int], n_prompt: int, pl
             if progress:
                 sys.stderr.write("\n")
         seconds = time.perf_counter() - t0
-        return _write_manifest(out, model_path, cfg, plan, prompt, ids, model_sha256, seconds, files.finish(),
+        return _write_manifest(out, model_path, cfg, plan, prompt, ids, model_sha256, seconds, files.finish(n_tokens),
                                False, layout="generation", prompt_tokens=n_prompt, generated_ids=ids[n_prompt:])
     except BaseException:
-        _remove_capture(out, plan)
+        remove_capture(out, plan)
         raise
