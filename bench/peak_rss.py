@@ -2,7 +2,8 @@
 
     python bench/peak_rss.py generate   # `cli run` 2,048 greedy tokens, --ctx 4096, default 1.5B model
     python bench/peak_rss.py trace      # `cli trace --stages all --layers all` over a 256-token prompt
-    python bench/peak_rss.py            # both
+    python bench/peak_rss.py gen-trace  # `cli trace --max-tokens 2048 --stages all --layers all`
+    python bench/peak_rss.py            # generate and trace
 
 Each job runs the CLI in a child process and reports its peak RSS (ru_maxrss of the child), its
 wall time, and for the trace the bytes written. Run from the repository root. The model must be
@@ -82,8 +83,22 @@ def trace():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def gen_trace():
+    """A whole generation traced: 2,048 decode steps, every stage of every layer (~25 GB of files)."""
+    tmp = Path(tempfile.mkdtemp(prefix="numgguf-rss-"))
+    try:
+        out = tmp / "cap"
+        rc, secs, tail, kb = _child(["trace", MODEL, "--raw", "--prompt", COUNT_PROMPT, "--max-tokens", "2048",
+                                     "--stages", "all", "--layers", "all", "--out", str(out)])
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0
+        _report("trace --max-tokens 2048 --stages all --layers all", rc, secs, tail, kb,
+                f"{size / 2**30:.1f} GiB on disk")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 if __name__ == "__main__":
     jobs = sys.argv[1:] or ["generate", "trace"]
     baseline()
     for job in jobs:
-        {"generate": generate, "trace": trace}[job]()
+        {"generate": generate, "trace": trace, "gen-trace": gen_trace}[job]()
