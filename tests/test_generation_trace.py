@@ -355,3 +355,14 @@ def test_cli_generation_trace_of_the_15b_matches_llamacpp_decoding(tmp_path):
             worst = min(worst, float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
     print(f"worst decode-row cosine vs llama.cpp, layers 0-3: {worst:.6f}")
     assert worst >= 0.999
+
+
+def test_trace_record_from_python(tiny, tmp_path):
+    import trace
+    ids = tiny.tokenizer.encode(PROMPT)
+    cap = trace.record(tiny, ids, tmp_path / "r", stages="ffn_swigl", layers="1", max_tokens=4, stop_at_eog=False)
+    assert cap["ffn_swigl", 1].shape == (len(ids) + 3, tiny.config.ffn_dim) and len(cap.generated_ids) == 4
+    pre = trace.record(tiny, ids, tmp_path / "p", stages="ffn_swigl", layers="1")
+    np.testing.assert_array_equal(pre["ffn_swigl", 1], cap["ffn_swigl", 1][:len(ids)])
+    with pytest.raises(EngineError, match="not empty"):
+        trace.record(tiny, ids, tmp_path / "p", stages="ffn_swigl", layers="1")
