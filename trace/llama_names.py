@@ -33,7 +33,8 @@ ffn_swigl                 ``ffn_swiglu-N`` (GLU:SWIGLU)
 ffn_out                   ``ffn_out-N``
 post_ffn_residual         ``l_out-N`` (alias ``layer_output``)
 final_norm                ``result_norm``
-lm_head                   last row of ``result_output`` (our lm_head holds the last position only)
+lm_head                   last row of ``result_output`` (a prefill trace holds the last position only; a
+                          generation trace one row per forward, see trace.llama_capture)
 ========================  ===========================================================
 
 llama.cpp's ``norm-N`` (``norm-N.attn`` / ``norm-N.ffn`` in the dump) and ``norm``
