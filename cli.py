@@ -1,9 +1,9 @@
 """numgguf: run, trace and inspect GGUF language models on the CPU.
 
 Usage:
-  cli run [MODEL] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--raw] [--no-escape] [--threads N] [--ctx N] [--exact]
-  cli score [MODEL] (--text TEXT | --ids IDS) [--raw] [--no-escape] [--top N] [--json] [--threads N] [--exact]
-  cli trace [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--stages LIST] [--layers RANGE] [--out DIR] [--stats] [--force] [--threads N] [--engine NAME] [--exact] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+  cli run [MODEL] [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--raw] [--no-escape] [--threads N] [--ctx N] [--exact] [--patch SPEC]... [--steer SPEC]... [--ablate SPEC]...
+  cli score [MODEL] (--text TEXT | --ids IDS) [--raw] [--no-escape] [--top N] [--json] [--threads N] [--exact] [--patch SPEC]... [--steer SPEC]... [--ablate SPEC]...
+  cli trace [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--stages LIST] [--layers RANGE] [--out DIR] [--stats] [--force] [--threads N] [--engine NAME] [--exact] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--patch SPEC]... [--steer SPEC]... [--ablate SPEC]...
   cli diff PATH_A PATH_B [--atol X] [--rtol Y] [--json]
   cli bisect [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--reference-model PATH] [--min-cosine C] [--atol X] [--rtol Y] [--plot FILE] [--json] [--threads N] [--max-tokens N] [--against NAME]
   cli bench [MODEL] [--prompt-tokens N] [--gen-tokens N] [--threads N] [--repeat N] [--vs-llama-cpp] [--json]
@@ -83,6 +83,13 @@ Options:
   --repeat N         bench: interleaved repeats; medians are reported [default: 3].
   --vs-llama-cpp     bench: measure llama.cpp (llama-cpp-python) on the same file too.
   --mutate           contracts: also run every test under its mutation (fail point).
+  --patch SPEC       STAGE:LAYER=CAPTURE[@POSITIONS]: the stage's values replaced by those of a
+                     capture (ours or llama.cpp's) of the same model; repeatable.
+  --steer SPEC       STAGE:LAYER=FILE.npy[*ALPHA][@POSITIONS]: add ALPHA times a vector [width]
+                     or a matrix [positions, width]; repeatable.
+  --ablate SPEC      STAGE:LAYER[/hHEAD][@POSITIONS]: zero the values (attention, attn_scores,
+                     attn_softmax: of one head); repeatable. POSITIONS: 5, 0-3, -1 (the prompt's
+                     last), comma lists; default all. Whole-model stages take no :LAYER.
 """
 from __future__ import annotations
 
@@ -187,6 +194,26 @@ def _sampler(args):
                    _int(args, "--seed"))
 
 
+def _hooks(args, eng, ids, generated: int = 0) -> dict | None:
+    """The --patch/--steer/--ablate specs as forward hooks (None without any); the run computes
+    the prompt's positions and those of up to `generated` - 1 decode steps."""
+    patches, steers, ablations = (args.get(k) or [] for k in ("--patch", "--steer", "--ablate"))
+    if not (patches or steers or ablations):
+        return None
+    from trace.interventions import build_hooks
+    sha = _model_sha256(args, eng) if patches else None   # a patch's capture must be of this model
+    return build_hooks(eng.config, len(ids), patches, steers, ablations, model_sha256=sha,
+                       n_positions=len(ids) + max(generated - 1, 0))
+
+
+def _model_sha256(args, eng) -> str:
+    """The model file's sha256: pinned for known keys, else hashed."""
+    from engine.fetch import DEFAULT_MODEL, MODELS
+    from trace.capture import file_sha256
+    key = args["MODEL"] or DEFAULT_MODEL
+    return MODELS[key].sha256 if key in MODELS else file_sha256(eng.path)
+
+
 def cmd_run(args) -> int:
     from engine.generate import GenStats, check_prompt
     max_tokens = _int(args, "--max-tokens", 1, 1_000_000)
@@ -198,6 +225,7 @@ def cmd_run(args) -> int:
     prompt = _text(args, "--prompt") if args["--prompt"] is not None else RUN_PROMPT
     ids = eng.prompt_ids(prompt, raw=args["--raw"])
     check_prompt(ids, eng.n_ctx)
+    hooks = _hooks(args, eng, ids, max_tokens)
     # load and kernel set-up on their own line, so that the prefill rate below is the forward's own
     kernel_s = eng.warm_up()
     print(f"loaded {eng.path.name} in {eng.load_seconds:.2f} s; kernels ready in {kernel_s:.2f} s",
@@ -205,7 +233,7 @@ def cmd_run(args) -> int:
     stats = GenStats()
     dec = eng.tokenizer.stream_decoder()
     eog = eng.tokenizer.eog_ids
-    for tok in eng.generate(ids, max_tokens=max_tokens, sampler=sampler, stats=stats):
+    for tok in eng.generate(ids, max_tokens=max_tokens, sampler=sampler, stats=stats, hooks=hooks):
         if tok not in eog:
             sys.stdout.write(dec.push(tok))
         sys.stdout.flush()
@@ -237,7 +265,8 @@ def cmd_score(args) -> int:
             raise EngineError(f"--ids: token id {bad[0]} is out of range [0, {eng.config.vocab})")
     else:
         ids = eng.prompt_ids(_text(args, "--text"), raw=args["--raw"])
-    result = eng.new_session(n_ctx=max(eng.n_ctx, len(ids))).score(ids, top=top)
+    hooks = _hooks(args, eng, ids)
+    result = eng.new_session(n_ctx=max(eng.n_ctx, len(ids))).score(ids, top=top, hooks=hooks)
     if args["--json"]:
         print_json(result)
         return 0
@@ -255,7 +284,7 @@ def cmd_score(args) -> int:
 def cmd_trace(args) -> int:
     from pathlib import Path
     from engine.fetch import MODELS, DEFAULT_MODEL
-    from trace.capture import (capture, capture_generation, check_ids, check_out_dir, default_out_dir, file_sha256, format_stats, plan_for_model,
+    from trace.capture import (capture, capture_generation, check_ids, check_out_dir, default_out_dir, format_stats, plan_for_model,
                                prepare_out_dir)
     from trace.plan import PlanError, parse_stages
     threads = _int(args, "--threads", 1)
@@ -286,7 +315,10 @@ def cmd_trace(args) -> int:
     key = args["MODEL"] or DEFAULT_MODEL
     name = (key if key in MODELS else Path(key).stem) + ("-llama.cpp" if engine_name == "llama.cpp" else "")
     out = Path(args["--out"]) if args["--out"] is not None else default_out_dir(name)
-    sha = MODELS[key].sha256 if key in MODELS else file_sha256(eng.path)
+    sha = _model_sha256(args, eng)
+    hooks = _hooks(args, eng, ids, max_tokens or 0)
+    if hooks and engine_name == "llama.cpp":
+        raise EngineError("--patch/--steer/--ablate act on our forward; --engine llama.cpp takes none")
     prepare_out_dir(out, args["--force"])
     if engine_name == "llama.cpp":
         from trace.llama_capture import capture_llama
@@ -300,11 +332,11 @@ def cmd_trace(args) -> int:
                 sys.stdout.write(dec.push(tok))
                 sys.stdout.flush()
         manifest = capture_generation(eng, ids, plan, out, prompt, max_tokens, sampler, with_stats=args["--stats"],
-                                      model_sha256=sha, on_token=stream)
+                                      model_sha256=sha, on_token=stream, hooks=hooks)
         sys.stdout.write(dec.flush() + "\n")
     else:
         manifest = capture(eng, ids, plan, out, prompt, with_stats=args["--stats"], model_sha256=sha,
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(), hooks=hooks)
     if args["--stats"]:
         print(format_stats(manifest))
     if max_tokens is not None:

@@ -122,9 +122,9 @@ class Engine:
         return self.session.prefill(ids)
 
     def generate(self, prompt_ids, max_tokens: int = 256, sampler: Sampler | None = None,
-                 stop_at_eog: bool = True, stats: GenStats | None = None):
+                 stop_at_eog: bool = True, stats: GenStats | None = None, hooks=None):
         """Yield generated token ids (the end-of-generation token included when it comes)."""
-        return self.session.generate(prompt_ids, max_tokens, sampler, stop_at_eog, stats)
+        return self.session.generate(prompt_ids, max_tokens, sampler, stop_at_eog, stats, hooks)
 
     def score(self, ids, top: int = 5, chunk: int = 128) -> dict:
         """Teacher-forced forward over ids: per position log p(next id) and the top candidates."""

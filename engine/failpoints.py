@@ -23,6 +23,9 @@ CATALOGUE: dict[str, str] = {
     "sink.publish_early": "TraceSink.buffer makes the final file name visible before finish",
     "sink.row_offset": "GenerationSink hands a decode step the window one row after its own",
     "sink.no_cut": "GenerationSink.finish publishes files at full size after an early stop (no cut, no header fix)",
+    "hooks.copy": "a hook gets a copy of the stage's values: what it changes never reaches the forward",
+    "hooks.no_unfuse": "hooks on fused stages (ffn_silu, attn_scores, attn_softmax) run, but what follows is not "
+                       "recomputed from the hooked values",
     "kv.grow_no_copy": "KVCache.reserve grows the cache without copying the positions it held",
     "plan.range_exclusive": "trace.plan reads the layer range A-B as exclusive of B",
     "tokenizer.merge_order": "the BPE merge ranks are reversed (last merge first)",

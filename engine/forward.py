@@ -10,7 +10,7 @@ import numpy as np
 from engine import failpoints
 from engine.errors import EngineError
 from engine.model import Config, Weights
-from kernels.attention import attention, store_kv
+from kernels.attention import attend, attention, softmax_causal, store_kv
 from kernels import elementwise, norm
 from kernels import rope as rope_mod
 from kernels.matmul import Q8_0_ACT, Int8Activations, Int8Group, get_rows, int8_kind, matmul, matmul_int8_group
@@ -123,12 +123,56 @@ def _mm(int8: Int8Activations, x, plan: SharedInput, *pairs):
             out *= np.float32(1.01)
 
 
-def forward(model: Model, session, tokens: np.ndarray, pos0: int, sink=None, all_logits: bool = False):
+class Hooks:
+    """Functions run on stages' values once they are final, before anything downstream reads
+    them (TransformerLens's hook points; our stage names play their role).
+
+    ``{(stage, layer): fn}`` (layer None, or the bare stage name, for embedding, final_norm and
+    lm_head); ``fn(values, positions)`` gets the stage's buffer ([n, dim]; attention stages
+    [heads, n, keys]) and the absolute positions of its rows, and may change ``values`` in place
+    (patch, steer, ablate) or only read it. A hook on a stage that a fused kernel computes
+    (ffn_silu with ffn_swigl; attn_scores and attn_softmax with the attention output) makes the
+    forward compute what follows from the hooked values. A hook that never fires (no such stage
+    or layer in this model) is an error at the end of the forward."""
+
+    def __init__(self, hooks: dict):
+        self.fns = {}
+        for key, fn in hooks.items():
+            stage, layer = (key, None) if isinstance(key, str) else key
+            if not callable(fn):
+                raise EngineError(f"hook for {stage} layer {layer} is not callable")
+            self.fns[stage, None if layer is None else int(layer)] = fn
+        self.stages = {stage for stage, _ in self.fns}
+        self.fired: set = set()
+        self.positions = np.zeros(0, np.int64)
+
+    def wants(self, stage: str, layer: int | None) -> bool:
+        return (stage, layer) in self.fns
+
+    def __call__(self, stage: str, layer: int | None, values: np.ndarray, positions=None) -> None:
+        fn = self.fns.get((stage, layer))
+        if fn is not None:
+            self.fired.add((stage, layer))
+            if failpoints.active("hooks.copy"):
+                values = values.copy()
+            fn(values, self.positions if positions is None else positions)
+
+    def check_fired(self) -> None:
+        missed = sorted(set(self.fns) - self.fired, key=str)
+        if missed:
+            stage, layer = missed[0]
+            raise EngineError(f"hook on stage {stage}" + ("" if layer is None else f" layer {layer}")
+                              + " never ran: this model's forward has no such stage or layer")
+
+
+def forward(model: Model, session, tokens: np.ndarray, pos0: int, sink=None, all_logits: bool = False,
+            hooks: Hooks | None = None):
     """Run tokens (int array [n]) at positions pos0..pos0+n-1 of `session`; return logits.
 
     The session's KV cache must hold positions 0..pos0-1; the forward writes positions
-    pos0..pos0+n-1 into it. Stages are computed into `sink` (default: the session's).
-    Returns the lm_head buffer: [n, vocab] if all_logits else [1, vocab] (last position only).
+    pos0..pos0+n-1 into it. Stages are computed into `sink` (default: the session's); `hooks`
+    (a Hooks) run on stages as they become final. Returns the lm_head buffer: [n, vocab] if
+    all_logits else [1, vocab] (last position only).
     """
     cfg, w = model.cfg, model.weights
     kv, int8 = session.kv, session.int8
@@ -158,26 +202,40 @@ def forward(model: Model, session, tokens: np.ndarray, pos0: int, sink=None, all
     skip_kv = min(max(kv.stale - pos0, 0), n) if failpoints.active("session.stale_cache") else 0
     attn_scale = model.attn_scale * (1.5 if failpoints.active("forward.attn_scale") else 1.0)
     qd, kvd, n_keys = cfg.q_dim, cfg.kv_dim, pos0 + n
+    hk = hooks   # no hooks: every `if hk` below is one test of None
+    if hk:
+        hk.positions = np.arange(pos0, pos0 + n, dtype=np.int64)
 
     x = sink.buffer("embedding", None, (n, cfg.dim))
     get_rows(w.token_embd.data, w.token_embd.qtype, tokens, x)
     if failpoints.active("quant.get_rows_ulp"):
         x[:, -1] = np.nextafter(x[:, -1], np.float32(np.inf))
+    if hk:
+        hk("embedding", None, x)
     for li, layer in enumerate(w.layers):
         g = model.plans[li]
         h = sink.buffer("attn_norm", li, (n, cfg.dim))
         rmsnorm(x, layer.attn_norm, cfg.eps, h)
+        if hk:
+            hk("attn_norm", li, h)
         qkv = sink.buffer("qkv_matmul", li, (n, qd + 2 * kvd))
         _mm(int8, h, g.qkv, (layer.wq, qkv[:, :qd]), (layer.wk, qkv[:, qd:qd + kvd]), (layer.wv, qkv[:, qd + kvd:]))
+        if hk:
+            hk("qkv_matmul", li, qkv)
         if model.qkv_bias[li] is not None:
             biased = sink.buffer("qkv_bias", li, (n, qd + 2 * kvd))
             add_bias(qkv, model.qkv_bias[li], biased)
             qkv = biased
+            if hk:
+                hk("qkv_bias", li, qkv)
         q_rope = sink.buffer("q_post_rope", li, (n, qd))
         rope(qkv[:, :qd], positions, cfg.n_heads, cfg.head_dim, cfg.n_rot, model.inv_freq, cfg.rope_neox, q_rope)
         k_rope = sink.buffer("k_post_rope", li, (n, kvd))
         rope(qkv[:, qd:qd + kvd], positions, cfg.n_kv_heads, cfg.head_dim, cfg.n_rot, model.inv_freq,
              cfg.rope_neox, k_rope)
+        if hk:   # before K enters the cache: a hooked k_post_rope is what later positions attend to
+            hk("q_post_rope", li, q_rope)
+            hk("k_post_rope", li, k_rope)
         if skip_kv:   # planted fault session.stale_cache: rows an earlier session left are not rewritten
             store_kv(k_rope[skip_kv:], qkv[skip_kv:, qd + kvd:], kv.k[li], kv.v[li], kv_pos0 + skip_kv,
                      cfg.n_kv_heads, cfg.head_dim, not model.exact)
@@ -189,26 +247,60 @@ def forward(model: Model, session, tokens: np.ndarray, pos0: int, sink=None, all
         att = sink.buffer("attention", li, (n, qd))
         attention(q_rope, kv.k[li], kv.v[li], attn_pos0, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                   attn_scale, scores, probs, att, f64_scores=model.exact)
+        if hk:   # one fused kernel: unfused from the first hooked stage on, only while hooked
+            unfuse = not failpoints.active("hooks.no_unfuse")
+            if hk.wants("attn_scores", li) and unfuse:
+                hk("attn_scores", li, scores)
+                softmax_causal(scores, attn_pos0, probs)
+            if hk.wants("attn_softmax", li):
+                hk("attn_softmax", li, probs)
+            if (hk.wants("attn_scores", li) or hk.wants("attn_softmax", li)) and unfuse:
+                attend(probs, kv.v[li], attn_pos0, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, att)
+            hk("attention", li, att)
         att_out = sink.buffer("attn_out", li, (n, cfg.dim))
         _mm(int8, att, g.wo, (layer.wo, att_out))
+        if hk:
+            hk("attn_out", li, att_out)
         resid = sink.buffer("post_attn_residual", li, (n, cfg.dim))
         add(x, att_out, resid)
+        if hk:
+            hk("post_attn_residual", li, resid)
         h = sink.buffer("ffn_norm", li, (n, cfg.dim))
         rmsnorm(resid, layer.ffn_norm, cfg.eps, h)
+        if hk:
+            hk("ffn_norm", li, h)
         gate = sink.buffer("ffn_gate", li, (n, cfg.ffn_dim))
         up = sink.buffer("ffn_up", li, (n, cfg.ffn_dim))
         _mm(int8, h, g.gate_up, (layer.w_gate, gate), (layer.w_up, up))
+        if hk:
+            hk("ffn_gate", li, gate)
+            hk("ffn_up", li, up)
         silu = sink.buffer("ffn_silu", li, (n, cfg.ffn_dim))
         swigl = sink.buffer("ffn_swigl", li, (n, cfg.ffn_dim))
         silu_and_swiglu(gate, up, silu, swigl)
+        if hk:
+            if hk.wants("ffn_silu", li):   # fused with swiglu: recompute it from the hooked silu
+                hk("ffn_silu", li, silu)
+                if not failpoints.active("hooks.no_unfuse"):
+                    np.multiply(silu, up, out=swigl)
+            hk("ffn_swigl", li, swigl)
         down = sink.buffer("ffn_out", li, (n, cfg.dim))
         _mm(int8, swigl, g.down, (layer.w_down, down))
+        if hk:
+            hk("ffn_out", li, down)
         x_next = sink.buffer("post_ffn_residual", li, (n, cfg.dim))
         add(resid, down, x_next)
+        if hk:
+            hk("post_ffn_residual", li, x_next)
         x = x_next
     normed = sink.buffer("final_norm", None, (n, cfg.dim))
     rmsnorm(x, w.output_norm, cfg.eps, normed)
+    if hk:
+        hk("final_norm", None, normed)
     rows = normed if all_logits else normed[n - 1:]
     logits = sink.buffer("lm_head", None, (rows.shape[0], cfg.vocab))
     _mm(int8, rows, model.output_decode if n == 1 else model.output_prompt, (w.output, logits))
+    if hk:
+        hk("lm_head", None, logits, hk.positions[n - rows.shape[0]:])
+        hk.check_fired()
     return logits

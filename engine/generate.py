@@ -32,12 +32,12 @@ class GenStats:
         return steps / self.decode_s if self.decode_s else 0.0
 
 
-def prefill(session, ids: np.ndarray, chunk: int = PREFILL_CHUNK) -> np.ndarray:
+def prefill(session, ids: np.ndarray, chunk: int = PREFILL_CHUNK, hooks=None) -> np.ndarray:
     """Run the prompt through the session from position 0 in chunks; return the last
     position's logits [vocab] (a view of the sink's lm_head buffer)."""
     logits = None
     for start in range(0, len(ids), chunk):
-        logits = session.forward_view(ids[start:start + chunk], start)
+        logits = session.forward_view(ids[start:start + chunk], start, hooks=hooks)
     return logits[0]
 
 
@@ -50,7 +50,7 @@ def check_prompt(ids, n_ctx: int) -> None:
 
 
 def generate(session, prompt_ids, max_tokens: int, sampler: Sampler, stop_ids=frozenset(),
-             stats: GenStats | None = None):
+             stats: GenStats | None = None, hooks=None):
     """Yield generated token ids until a stop id (yielded too), max_tokens or a full context."""
     ids = np.asarray(prompt_ids, dtype=np.int64)
     n_ctx = session.n_ctx
@@ -58,7 +58,7 @@ def generate(session, prompt_ids, max_tokens: int, sampler: Sampler, stop_ids=fr
     stats = stats if stats is not None else GenStats()
     stats.prompt_tokens = len(ids)
     t0 = time.perf_counter()
-    logits = prefill(session, ids)
+    logits = prefill(session, ids, hooks=hooks)
     stats.prefill_s = time.perf_counter() - t0
     token_buf = np.empty(1, dtype=np.int64)
     pos = len(ids)
@@ -78,7 +78,7 @@ def generate(session, prompt_ids, max_tokens: int, sampler: Sampler, stop_ids=fr
             return
         t_step = time.perf_counter()
         token_buf[0] = tok
-        logits = session.forward_view(token_buf, pos)[0]
+        logits = session.forward_view(token_buf, pos, hooks=hooks)[0]
         pos += 1
         stats.decode_s += time.perf_counter() - t_step
     stats.stop_reason = "max tokens"

@@ -12,12 +12,19 @@ import numpy as np
 
 from engine import failpoints
 from engine.errors import EngineError
-from engine.forward import forward
+from engine.forward import Hooks, forward
 from engine.generate import GenStats, generate, prefill
 from engine.kv_cache import KVCache
 from engine.sampling import Sampler
 from engine.sink import NullSink
 from kernels.matmul import Int8Activations
+
+
+def as_hooks(hooks) -> Hooks | None:
+    """None, a Hooks, or a dict {(stage, layer): fn} as a Hooks (None when empty)."""
+    if hooks is None or isinstance(hooks, Hooks):
+        return hooks
+    return Hooks(hooks) if hooks else None
 
 
 class Session:
@@ -60,48 +67,53 @@ class Session:
         self.pos = 0
 
     # -- forwards ------------------------------------------------------------------------
-    def forward_view(self, ids, pos: int | None = None, sink=None, all_logits: bool = False) -> np.ndarray:
+    def forward_view(self, ids, pos: int | None = None, sink=None, all_logits: bool = False,
+                     hooks=None) -> np.ndarray:
         """One forward over ids at positions pos.. (default: where the session is); returns
         the lm_head buffer itself (valid until the next forward). The cache must hold
-        positions 0..pos-1, so pos may not be past the session's end."""
+        positions 0..pos-1, so pos may not be past the session's end. `hooks`:
+        ``{(stage, layer): fn(values, positions)}`` or an engine.forward.Hooks (see there)."""
         ids = np.asarray(ids, dtype=np.int64)
         pos = self.pos if pos is None else pos
         if not 0 <= pos <= self.pos:
             raise EngineError(f"forward at position {pos}, but the session holds positions 0..{self.pos - 1} "
                               f"(a forward may start at most at {self.pos})")
-        logits = forward(self.model, self, ids, pos, sink, all_logits=all_logits)
+        logits = forward(self.model, self, ids, pos, sink, all_logits=all_logits, hooks=as_hooks(hooks))
         self.pos = pos + len(ids)
         return logits
 
-    def forward(self, ids, pos: int | None = None, sink=None, all_logits: bool = False) -> np.ndarray:
+    def forward(self, ids, pos: int | None = None, sink=None, all_logits: bool = False, hooks=None) -> np.ndarray:
         """Like forward_view, but returns logits ([n or 1, vocab]) as a copy."""
-        return self.forward_view(ids, pos, sink, all_logits).copy()
+        return self.forward_view(ids, pos, sink, all_logits, hooks).copy()
 
-    def prefill(self, ids) -> np.ndarray:
+    def prefill(self, ids, hooks=None) -> np.ndarray:
         """Prefill ids from position 0; return the last position's logits (a copy)."""
         self.pos = 0
-        return prefill(self, np.asarray(ids, dtype=np.int64)).copy()
+        return prefill(self, np.asarray(ids, dtype=np.int64), hooks=as_hooks(hooks)).copy()
 
     def generate(self, prompt_ids, max_tokens: int = 256, sampler: Sampler | None = None,
-                 stop_at_eog: bool = True, stats: GenStats | None = None):
+                 stop_at_eog: bool = True, stats: GenStats | None = None, hooks=None):
         """Yield generated token ids (the end-of-generation token included when it comes),
-        starting from an empty sequence: the prompt is prefilled from position 0."""
+        starting from an empty sequence: the prompt is prefilled from position 0. `hooks`
+        run in every forward: the prompt's prefill and each decode step."""
         if max_tokens < 1:
             raise EngineError(f"--max-tokens must be >= 1, got {max_tokens}")
         self.pos = 0
         stop = self.engine.tokenizer.eog_ids if stop_at_eog else frozenset()
-        return generate(self, prompt_ids, max_tokens, sampler or Sampler(), stop_ids=stop, stats=stats)
+        return generate(self, prompt_ids, max_tokens, sampler or Sampler(), stop_ids=stop, stats=stats,
+                        hooks=as_hooks(hooks))
 
-    def score(self, ids, top: int = 5, chunk: int = 128) -> dict:
+    def score(self, ids, top: int = 5, chunk: int = 128, hooks=None) -> dict:
         """Teacher-forced forward over ids: per position log p(next id) and the top candidates."""
         ids = np.asarray(ids, dtype=np.int64)
+        hooks = as_hooks(hooks)
         if len(ids) == 0:
             raise EngineError("nothing to score: 0 tokens")
         if len(ids) > self.n_ctx:
             raise EngineError(f"{len(ids)} tokens exceed the context size {self.n_ctx}")
         positions, nll = [], []
         for start in range(0, len(ids), chunk):
-            logits = self.forward_view(ids[start:start + chunk], start, all_logits=True)
+            logits = self.forward_view(ids[start:start + chunk], start, all_logits=True, hooks=hooks)
             for r in range(logits.shape[0]):
                 i = start + r
                 row = logits[r].astype(np.float64)

@@ -102,3 +102,46 @@ def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
                 vr = values[j]
                 for i in range(head_dim):
                     oh[i] += p * vr[i]
+
+
+# The two halves of `attention` after its scores, for a forward whose attention stages are
+# hooked (engine.forward runs them only then): a hook may change the scores or the
+# probabilities, and what follows must be computed from the changed values.
+@njit(cache=True, parallel=True, fastmath={"contract"})   # as `attention`: the same roundings
+def softmax_causal(scores, pos0, probs):
+    """probs[h, t, :] = softmax of scores[h, t, :pos0+t+1] (later keys 0), as `attention` does."""
+    n_heads, n = scores.shape[0], scores.shape[1]
+    for job in prange(n_heads * n):
+        h = job // n
+        t = job % n
+        keys = pos0 + t + 1
+        mx = np.float32(-np.inf)
+        for j in range(keys):
+            mx = max(mx, scores[h, t, j])
+        total = np.float32(0.0)
+        for j in range(keys):
+            e = expf(scores[h, t, j] - mx)
+            probs[h, t, j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(keys):
+            probs[h, t, j] *= inv
+        probs[h, t, keys:] = 0.0
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def attend(probs, v_cache, pos0, n_heads, n_kv_heads, head_dim, out):
+    """out[t, head h] = sum_j probs[h, t, j] * V[j] over keys j <= pos0+t, as `attention` does."""
+    n = probs.shape[1]
+    group = n_heads // n_kv_heads
+    for job in prange(n_heads * n):
+        h = job // n
+        t = job % n
+        values = v_cache[h // group]
+        oh = out[t, h * head_dim:(h + 1) * head_dim]
+        oh[:] = 0.0
+        for j in range(pos0 + t + 1):
+            p = probs[h, t, j]
+            vr = values[j]
+            for i in range(head_dim):
+                oh[i] += p * vr[i]

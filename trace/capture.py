@@ -133,7 +133,8 @@ def check_ids(ids, cfg) -> None:
 
 
 def capture(engine, ids: list[int], plan: TracePlan, out: Path, prompt: str, with_stats: bool = False,
-            model_sha256: str | None = None, progress: bool = False, all_logits: bool = False) -> dict:
+            model_sha256: str | None = None, progress: bool = False, all_logits: bool = False,
+            hooks=None) -> dict:
     """Run one prefill forward over ids with `plan`'s stages written under `out`; return the manifest.
     lm_head holds the last position's logits, or with all_logits every position's ([n, vocab]).
 
@@ -151,7 +152,7 @@ def capture(engine, ids: list[int], plan: TracePlan, out: Path, prompt: str, wit
     t0 = time.perf_counter()
     try:
         try:
-            session.forward_view(ids, 0, sink=recorder, all_logits=all_logits)
+            session.forward_view(ids, 0, sink=recorder, all_logits=all_logits, hooks=hooks)
             missing = [k for k in planned_keys(plan) if k not in recorder.requested]
             if missing:
                 stage, layer = missing[0]
@@ -219,7 +220,8 @@ def _write_manifest(engine, ids, plan, out, prompt, with_stats, model_sha256, se
 
 def capture_generation(engine, ids: list[int], plan: TracePlan, out: Path, prompt: str, max_tokens: int,
                        sampler=None, stop_at_eog: bool = True, with_stats: bool = False,
-                       model_sha256: str | None = None, on_token=None, progress: bool = False) -> dict:
+                       model_sha256: str | None = None, on_token=None, progress: bool = False,
+                       hooks=None) -> dict:
     """Generate up to max_tokens after the prompt ids, with `plan`'s stages of every forward
     (prefill chunks, then each decode step) written under `out`; return the manifest.
 
@@ -253,7 +255,7 @@ def capture_generation(engine, ids: list[int], plan: TracePlan, out: Path, promp
         try:
             sink.create()
             for tok in session.generate(ids, max_tokens=max_tokens, sampler=sampler, stop_at_eog=stop_at_eog,
-                                        stats=stats):
+                                        stats=stats, hooks=hooks):
                 generated.append(int(tok))
                 if on_token is not None:
                     on_token(tok)
