@@ -6,6 +6,7 @@ Usage:
   cli trace [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--stages LIST] [--layers RANGE] [--out DIR] [--stats] [--force] [--threads N] [--engine NAME] [--exact] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--patch SPEC]... [--steer SPEC]... [--ablate SPEC]...
   cli diff PATH_A PATH_B [--atol X] [--rtol Y] [--json]
   cli bisect [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--reference-model PATH] [--min-cosine C] [--atol X] [--rtol Y] [--plot FILE] [--json] [--threads N] [--max-tokens N] [--against NAME]
+  cli lens [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--top N] [--layers RANGE] [--plot FILE] [--json] [--threads N] [--exact]
   cli bench [MODEL] [--prompt-tokens N] [--gen-tokens N] [--threads N] [--repeat N] [--vs-llama-cpp] [--json]
   cli tokenize TEXT [--special] [--no-escape]
   cli tokenize MODEL TEXT [--special] [--no-escape]
@@ -22,6 +23,8 @@ Commands:
   diff       Compare two captures (or two .bin files); name the first stage that parts.
   bisect     Capture every stage of every layer with our engine and with llama.cpp; name the
              first (layer, stage) that diverges (needs llama-cpp-python: pip install '.[llamacpp]').
+  lens       Logit lens: each layer's residual stream through the final norm and the output head,
+             per position the top-N tokens and their probabilities.
   bench      Prefill and decode tokens/s, time to first token and peak RSS; with --vs-llama-cpp
              llama.cpp's on the same file, prompt, threads and greedy decode, measured interleaved,
              medians and ratios ours/llama.cpp.
@@ -503,7 +506,38 @@ def cmd_contracts(args) -> int:
     return contracts_main(args["NAMES"], mutate=args["--mutate"], as_json=args["--json"])
 
 
-COMMANDS = {"run": cmd_run, "score": cmd_score, "trace": cmd_trace, "diff": cmd_diff, "bisect": cmd_bisect,
+def cmd_lens(args) -> int:
+    from pathlib import Path
+    from trace.lens import format_lens, logit_lens, plot_lens
+    from trace.plan import PlanError, parse_layers
+    top = _int(args, "--top", 1, 1000)
+    plot = Path(args["--plot"]) if args["--plot"] else None
+    if plot is not None and not plot.parent.is_dir():
+        raise EngineError(f"--plot {plot}: folder {plot.parent} does not exist")
+    eng = _load(args, _int(args, "--threads", 1))
+    try:
+        layers = parse_layers(args["--layers"], eng.config.n_layers)
+    except PlanError as e:
+        raise EngineError(str(e)) from None
+    prompt = _text(args, "--prompt") if args["--prompt"] is not None else TRACE_PROMPT
+    ids = eng.prompt_ids(prompt, raw=args["--raw"])
+    if not ids:
+        raise EngineError("the prompt has no tokens; nothing to read")
+    result = logit_lens(eng, ids, layers, top=top)
+    if args["--json"]:
+        print_json(result)
+    else:
+        print(format_lens(result, eng.tokenizer))
+    if plot is not None:
+        try:
+            plot_lens(result, eng.tokenizer, plot, f"logit lens: {eng.path.stem}")
+        except ImportError:
+            raise EngineError("--plot needs matplotlib, an optional extra: pip install '.[plot]'") from None
+        print(f"plot: {plot}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "score": cmd_score, "trace": cmd_trace, "diff": cmd_diff, "bisect": cmd_bisect, "lens": cmd_lens,
             "tokenize": cmd_tokenize, "fetch": cmd_fetch, "bench": cmd_bench,
             "inspect": cmd_inspect, "contracts": cmd_contracts}
 

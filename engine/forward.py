@@ -304,3 +304,16 @@ def forward(model: Model, session, tokens: np.ndarray, pos0: int, sink=None, all
         hk("lm_head", None, logits, hk.positions[n - rows.shape[0]:])
         hk.check_fired()
     return logits
+
+
+def output_head(model: Model, session, x: np.ndarray) -> np.ndarray:
+    """The model's output head on residual-stream rows x [n, dim]: the final RMSNorm, then
+    lm_head, exactly as a prompt's forward computes them (so the last layer's residual gives
+    the forward's own logits, bit for bit). Returns new float32 logits [n, vocab]."""
+    cfg, w = model.cfg, model.weights
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    normed = np.empty_like(x)
+    rmsnorm(x, w.output_norm, cfg.eps, normed)
+    logits = np.empty((x.shape[0], cfg.vocab), np.float32)
+    _mm(session.int8, normed, model.output_decode if x.shape[0] == 1 else model.output_prompt, (w.output, logits))
+    return logits
