@@ -29,6 +29,7 @@ import math
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -411,6 +412,18 @@ def disk_usage(root: Path) -> int:
     return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
 
 
+@contextmanager
+def _capture_folders(tmp_root, reference: str):
+    """(folder, ours, reference) in a new temporary folder, removed afterwards whatever happens."""
+    tmp = Path(tempfile.mkdtemp(prefix="numgguf-bisect-", dir=tmp_root))
+    try:
+        (tmp / "numgguf").mkdir()
+        (tmp / reference).mkdir()
+        yield tmp, tmp / "numgguf", tmp / reference
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_bisect(engine, ids: list[int], prompt: str, llama_model: Path, min_cosine: float = DEFAULT_MIN_COSINE,
                atol: float | None = None, rtol: float | None = None, threads: int = 2, progress: bool = False,
                tmp_root: Path | None = None) -> BisectReport:
@@ -419,11 +432,7 @@ def run_bisect(engine, ids: list[int], prompt: str, llama_model: Path, min_cosin
     from trace.llama_capture import capture_llama
     cfg = engine.config
     plan = plan_for_model("all", "all", cfg)
-    tmp = Path(tempfile.mkdtemp(prefix="numgguf-bisect-", dir=tmp_root))
-    try:
-        ours_dir, llama_dir = tmp / "numgguf", tmp / "llama.cpp"
-        ours_dir.mkdir()
-        llama_dir.mkdir()
+    with _capture_folders(tmp_root, "llama.cpp") as (tmp, ours_dir, llama_dir):
         t0 = time.perf_counter()
         mo = capture(engine, ids, plan, ours_dir, prompt, progress=progress)
         t1 = time.perf_counter()
@@ -436,8 +445,6 @@ def run_bisect(engine, ids: list[int], prompt: str, llama_model: Path, min_cosin
                        "ours_seconds": round(t1 - t0, 3), "llama_seconds": round(t2 - t1, 3),
                        "compare_seconds": round(time.perf_counter() - t2, 3), "peak_disk_bytes": disk}
         return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_generation_bisect(engine, ids: list[int], prompt: str, max_tokens: int, against: str = "llama.cpp",
@@ -460,15 +467,10 @@ def run_generation_bisect(engine, ids: list[int], prompt: str, max_tokens: int, 
         min_cosine = GEN_LLAMA_MIN_COSINE if against == "llama.cpp" else DEFAULT_MIN_COSINE
     cfg = engine.config
     plan = plan_for_model("all", "all", cfg)
-    if against == "llama.cpp":
-        from trace.llama_capture import unavailable_stages
-        from trace.plan import TracePlan
-        plan = TracePlan([s for s in plan.stages if s not in unavailable_stages(plan.stages)], plan.layers)
-    tmp = Path(tempfile.mkdtemp(prefix="numgguf-bisect-", dir=tmp_root))
-    try:
-        ours_dir, ref_dir = tmp / "numgguf", tmp / "reference"
-        ours_dir.mkdir()
-        ref_dir.mkdir()
+    if against == "llama.cpp":   # no files for stages llama.cpp cannot be compared on
+        from trace.llama_capture import llama_plan
+        plan = llama_plan(plan)
+    with _capture_folders(tmp_root, "reference") as (tmp, ours_dir, ref_dir):
         t0 = time.perf_counter()
         mo = capture_generation(engine, ids, plan, ours_dir, prompt, max_tokens, Sampler(), stop_at_eog=True)
         t1 = time.perf_counter()
@@ -493,5 +495,3 @@ def run_generation_bisect(engine, ids: list[int], prompt: str, max_tokens: int, 
             report.info.update(llama_model=str(llama_model or engine.path),
                                llama_cpp_python=mr.get("llama_cpp_python"))
         return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -212,7 +212,7 @@ class _Collector:
         self.written.add((stage, layer))
 
 
-def _llama_plan(plan: TracePlan) -> TracePlan:
+def llama_plan(plan: TracePlan) -> TracePlan:
     """`plan` without the stages llama.cpp does not expose."""
     return TracePlan(tuple(s for s in plan.stages if s not in UNEXPOSED), plan.layers)
 
@@ -260,7 +260,7 @@ def capture_llama(model_path, ids: list[int], plan: TracePlan, out: Path, prompt
     """
     from trace.llama_graph import run_graph
     out = Path(out)
-    plan = _llama_plan(plan)
+    plan = llama_plan(plan)
     if not ids:
         raise EngineError("the prompt has no tokens; nothing to trace")
     sink = TraceSink(out, plan, cfg.n_layers)
@@ -301,7 +301,7 @@ def capture_llama_generation(model_path, token_ids: list[int], n_prompt: int, pl
     """
     from trace.llama_graph import LlamaGraph
     out = Path(out)
-    plan = _llama_plan(plan)
+    plan = llama_plan(plan)
     ids = [int(i) for i in token_ids]
     n_tokens = len(ids)
     if not ids:

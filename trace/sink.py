@@ -24,7 +24,26 @@ from trace.aprt import DTYPE, HEADER, create_aprt, header_bytes, partial_path, s
 from trace.plan import ATTENTION_STAGES, planned_keys
 
 
-class TraceSink:
+class _PlannedSink:
+    """What both trace sinks share: scratch for unplanned stages, one request per (stage, layer)
+    per forward."""
+
+    def __init__(self):
+        self._scratch = NullSink()
+        self._requested: set[tuple[str, int | None]] = set()
+
+    def reserve(self, stage: str, size: int) -> None:
+        """Preallocate scratch for unplanned stages (see NullSink.reserve)."""
+        self._scratch.reserve(stage, size)
+
+    def _claim(self, stage: str, layer: int | None) -> None:
+        key = (stage, layer)
+        if key in self._requested:
+            raise ValueError(f"stage {stage} layer {layer} was requested twice in one forward")
+        self._requested.add(key)
+
+
+class TraceSink(_PlannedSink):
     """Hands out, for each (stage, layer) the plan wants, a memmap of a new APRT file's body.
 
     The file is created as ``<final path>.partial`` at its final size, so the forward's
@@ -41,8 +60,7 @@ class TraceSink:
         self.out_dir = Path(out_dir)
         self.plan = plan
         self.n_layers = n_layers
-        self._scratch = NullSink()
-        self._requested: set[tuple[str, int | None]] = set()
+        super().__init__()
         self._copies: list = []
         # the sink keeps only a weak reference to each file's map: once the forward drops a
         # buffer its pages are unmapped (they stay in the page cache, not in this process's RSS),
@@ -52,16 +70,9 @@ class TraceSink:
     def begin(self, pos0: int, n: int) -> None:
         """A prefill-only trace is one forward: nothing to do per forward."""
 
-    def reserve(self, stage: str, size: int) -> None:
-        """Preallocate scratch for unwanted stages (see NullSink.reserve)."""
-        self._scratch.reserve(stage, size)
-
     def buffer(self, stage: str, layer: int | None, shape: tuple) -> np.ndarray:
         """The float32 array of `shape` the forward computes (stage, layer) into."""
-        key = (stage, layer)
-        if key in self._requested:
-            raise ValueError(f"stage {stage} layer {layer} was requested twice in one forward")
-        self._requested.add(key)
+        self._claim(stage, layer)
         if not self.plan.wants(stage, layer):
             return self._scratch.buffer(stage, layer, shape)
         path = stage_path(self.out_dir, stage, layer)
@@ -143,7 +154,7 @@ class _GenFile:
         return math.prod(self.shape[1:])
 
 
-class GenerationSink:
+class GenerationSink(_PlannedSink):
     """A sink for a whole generation: one APRT file per planned (stage, layer) covering every
     forward (the prompt's prefill, in chunks of any length, then each decode step).
 
@@ -172,17 +183,15 @@ class GenerationSink:
         self.plan, self.cfg = plan, cfg
         self.n_rows, self.n_prompt = n_rows, n_prompt
         self.n_logit_rows = n_rows - n_prompt + 1
-        self._scratch = NullSink()
+        super().__init__()
         self.files: dict[tuple[str, int | None], _GenFile] = {}
         for stage, layer in planned_keys(plan):
             shape = stage_file_shape(stage, cfg, n_rows, self.n_logit_rows)
             self.files[stage, layer] = _GenFile(stage, layer, stage_path(self.out_dir, stage, layer), shape)
         self._pos0, self._n = 0, 0
         self._maps: list = []
-        self._requested: set = set()
         self._copies: list = []
         self.rows_computed = 0
-        self._created = False
 
     def bytes_needed(self) -> int:
         """The bytes the files take on disk at their full size."""
@@ -196,7 +205,6 @@ class GenerationSink:
         if need > free:
             raise EngineError(f"the capture needs {need} bytes ({need / 1e9:.2f} GB) but {self.out_dir} has "
                                   f"{free} bytes ({free / 1e9:.2f} GB) free; capture fewer stages, layers or tokens")
-        self._created = True
         for f in self.files.values():
             f.path.parent.mkdir(parents=True, exist_ok=True)
             create_aprt(f.partial, f.layer, math.prod(f.shape))   # the returned map is dropped: unmapped
@@ -214,17 +222,10 @@ class GenerationSink:
         self._pos0, self._n = pos0, n
         self.rows_computed = max(self.rows_computed, pos0 + n)
 
-    def reserve(self, stage: str, size: int) -> None:
-        """Preallocate scratch for unplanned stages (see NullSink.reserve)."""
-        self._scratch.reserve(stage, size)
-
     def buffer(self, stage: str, layer: int | None, shape: tuple) -> np.ndarray:
         """The float32 array of `shape` the forward computes (stage, layer) into."""
-        key = (stage, layer)
-        if key in self._requested:
-            raise ValueError(f"stage {stage} layer {layer} was requested twice in one forward")
-        self._requested.add(key)
-        f = self.files.get(key)
+        self._claim(stage, layer)
+        f = self.files.get((stage, layer))
         if f is None:
             return self._scratch.buffer(stage, layer, shape)
         pos0, n = self._pos0, self._n
