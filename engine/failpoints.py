@@ -26,6 +26,9 @@ CATALOGUE: dict[str, str] = {
     "hooks.copy": "a hook gets a copy of the stage's values: what it changes never reaches the forward",
     "hooks.no_unfuse": "hooks on fused stages (ffn_silu, attn_scores, attn_softmax) run, but what follows is not "
                        "recomputed from the hooked values",
+    "patching.wrong_source": "the patch sweep keeps the corrupted run's activations as the clean run's",
+    "bisect.cosine_only": "bisect verdicts ignore the norm ratio and the relative error (cosine only)",
+    "bisect.no_isolation": "bisect --isolate keeps our values but does not patch the reference's in",
     "kv.grow_no_copy": "KVCache.reserve grows the cache without copying the positions it held",
     "plan.range_exclusive": "trace.plan reads the layer range A-B as exclusive of B",
     "tokenizer.merge_order": "the BPE merge ranks are reversed (last merge first)",

@@ -40,3 +40,19 @@ class Sampler:
             keep = int(np.searchsorted(np.cumsum(p), self.top_p) + 1)
             ids, p = ids[:keep], p[:keep] / p[:keep].sum()
         return int(ids[self.rng.choice(len(ids), p=p)])
+
+
+class Replay(Sampler):
+    """A sampler that returns a given token sequence in order whatever the logits: a
+    teacher-forced decode (each step fed the token another run generated)."""
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.tokens = [int(t) for t in tokens]
+        self.step = 0
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.step >= len(self.tokens):
+            raise EngineError(f"replay: asked for token {self.step + 1} of a {len(self.tokens)}-token sequence")
+        self.step += 1
+        return self.tokens[self.step - 1]

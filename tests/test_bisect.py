@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 
 from tests.conftest import model_file
+from tests.helpers import BLOCK_SCALE_OFFSETS
 from tests.test_llama_trace import run_cli
-from trace.aprt import stage_path, write_aprt
-from trace.bisect import compare_captures
+from trace.aprt import read_aprt, stage_path, write_aprt
+
+from trace.bisect import compare_captures, format_report
 
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed "
                                  "(optional extra: pip install '.[llamacpp]')")
 SMOL = "smollm2-135m-q4_1"
-# byte offset of the f16 scale d inside a block, per ggml type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
-D_OFFSET = {2: 0, 3: 0, 6: 0, 7: 0, 8: 0, 12: 0, 13: 0, 14: 208}
 
 
 def flip_tensor_scale(src, dst, tensor: str) -> None:
@@ -39,7 +39,7 @@ def flip_tensor_scale(src, dst, tensor: str) -> None:
     info = GGUFFile(dst).tensors[tensor]
     _, block = GGML_TYPES[info.ggml_type]
     mm = np.memmap(dst, dtype=np.uint8, mode="r+", offset=info.offset, shape=(info.nbytes // block, block))
-    mm[:, D_OFFSET[info.ggml_type] + 1] ^= 0x80  # f16 sign bit (little-endian high byte)
+    mm[:, BLOCK_SCALE_OFFSETS[info.ggml_type][0] + 1] ^= 0x80  # f16 sign bit (little-endian high byte)
     mm.flush()
     del mm
 
@@ -117,6 +117,56 @@ def test_threshold_and_elementwise_tolerances(tmp_path):
     assert _compare(tmp_path / "3", {("embedding", None): a}, {("embedding", None): b}, atol=0.0, rtol=1e-2).ok
 
 
+@pytest.mark.parametrize("change", ["scale", "offset"])
+def test_a_scaled_or_offset_stage_is_a_divergence_a_cosine_cannot_see(tmp_path, change):
+    """ffn_out 1.6x (cosine 1) or shifted by 0.3 (cosine 0.9986): its norm is off by > 10%, the
+    drifting threshold (its noise: <= 1.4%). The stage is named, not the next one to mix it in."""
+    rng = np.random.default_rng(3)
+    swigl = (2.0 + rng.standard_normal((4, 64))).astype(np.float32)
+    out = (2.0 + rng.standard_normal((4, 64))).astype(np.float32)
+    bad = out * np.float32(1.6) if change == "scale" else out + np.float32(0.3)
+    report = _compare(tmp_path, {("ffn_swigl", 0): swigl, ("ffn_out", 0): bad},
+                      {("ffn_swigl", 0): swigl, ("ffn_out", 0): out})
+    first = report.first_divergence
+    assert first is not None and (first.layer, first.stage) == (0, "ffn_out")
+    assert first.cosine >= 0.998 and abs(first.stats["norm_ratio"] - (1.6 if change == "scale" else 1.12)) < 0.02
+    assert "norm ratio" in format_report(report)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tests.synthetic import write_tiny_model
+    return write_tiny_model(tmp_path_factory.mktemp("bisect") / "tiny.gguf", n_layers=3)
+
+
+def test_isolated_layers_compute_from_the_references_inputs(tiny, tmp_path):
+    """Our forward of prompt A, each layer fed a capture of prompt B's input to it, computes B's
+    every stage bit for bit (but the embedding, A's own): what each layer then differs by is its own."""
+    from engine.api import Engine
+    from trace.bisect import ISOLATED, ISOLATE_MIN_COSINE, isolating_hooks
+    from trace.capture import capture, plan_for_model
+    eng = Engine(tiny)
+    a, b = eng.tokenizer.encode("the theater is on the other side"), eng.tokenizer.encode("a theater is on the other sides")
+    assert len(a) == len(b) and a != b
+    plan = plan_for_model("all", "all", eng.config)
+    (tmp_path / "b").mkdir(), (tmp_path / "a").mkdir()
+    mb = capture(eng, b, plan, tmp_path / "b", "b")
+    hooks, kept = isolating_hooks(tmp_path / "b", mb, eng.config.n_layers)
+    ma = capture(eng, a, plan, tmp_path / "a", "a", hooks=hooks)
+    files_b = {(e["stage"], e["layer"]): e for e in mb["files"]}
+    for e in ma["files"]:
+        key = (e["stage"], e["layer"])
+        if key == ("embedding", None):
+            continue
+        ours = kept[key] if key in kept else read_aprt(tmp_path / "a" / e["path"]).values
+        want = read_aprt(tmp_path / "b" / files_b[key]["path"]).values
+        np.testing.assert_array_equal(np.asarray(ours).reshape(-1), np.asarray(want).reshape(-1), err_msg=str(key))
+    report = compare_captures(tmp_path / "a", tmp_path / "b", ma, mb, ISOLATE_MIN_COSINE, thresholds=ISOLATED,
+                              ours_values=kept)
+    assert report.first_divergence.stage == "embedding"   # A's tokens: the one stage with no input to patch
+    assert len(report.results) == len(ma["files"]) and all(r.rel_err == 0 for r in report.results[1:])
+
+
 # -- the command without llama.cpp / with bad input -----------------------------------------------------
 
 def test_bisect_without_llama_cpp_says_how_to_install():
@@ -153,7 +203,7 @@ def test_bisect_smollm2_agrees_and_plots(tmp_path):
     lines = res.stdout.splitlines()
     assert lines[0].split()[:3] == ["layer", "anorm", "qkv"] and [ln.split()[0] for ln in lines[1:31]] == \
         [str(i) for i in range(30)]
-    assert "stages agree with llama.cpp (cosine >= 0.99)" in lines[-1]
+    assert "stages agree with llama.cpp (cosine >= 0.99, norm ratio 1 +- 0.1)" in lines[-1]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "temporary captures" in res.stderr
 
@@ -214,3 +264,59 @@ def test_bisect_default_model_agrees(tmp_path):
     assert len(status) == 3 + 28 * 16 and set(report["unavailable"]) == {"ffn_silu"}
     assert all(s == "ok" for s in status.values()), {k: s for k, s in status.items() if s != "ok"}
     assert report["peak_disk_bytes"] < 200e6
+
+
+Q05 = "qwen2.5-coder-0.5b-q4_k_m"
+
+
+@needs_llama
+@pytest.mark.model
+def test_isolate_names_a_few_scaled_rows_at_their_layer(tmp_path):
+    """64 of the 896 rows of the 0.5B's blk.9.ffn_down scaled by 1.1: ffn_out of layer 9 moves
+    to cosine 0.99966 (rel err 0.027), inside the drifting bisect's noise; isolated layers'
+    noise is 0.9999+, so --isolate names it, and the stage before it agrees."""
+    from tests.helpers import scale_tensor_rows
+    original = model_file(Q05)
+    bad = tmp_path / "rows.gguf"
+    scale_tensor_rows(original, bad, "blk.9.ffn_down.weight", 1.1, rows=np.arange(64))
+    res = run_cli("bisect", bad, "--reference-model", original, "--isolate", "--json")
+    assert res.returncode == 1, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    first = report["first_divergence"]
+    assert (first["layer"], first["stage"]) == (9, "ffn_out"), first
+    assert report["before_divergence"]["status"] == "ok" and report["mode"] == "isolated"
+    assert all(r["status"] == "ok" for r in report["results"] if (r["layer"] or 0) < 9)
+    res = run_cli("bisect", bad, "--reference-model", original, "--isolate", "--max-tokens", "3")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "layer 9 ffn_out" in [ln for ln in res.stdout.splitlines() if ln.startswith("first divergence:")][0]
+
+
+@needs_llama
+@pytest.mark.model
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_whole_matrix_scaled_is_named_at_its_stage_not_the_next_norm(tmp_path, isolate):
+    """blk.9.ffn_down x 1.6 leaves ffn_out's cosine at 0.9993: only its norm (1.6x) shows it. A
+    cosine-only bisect named layer 10 attn_norm, where the next norm mixes the error in."""
+    from engine.api import Engine
+    from tests.helpers import scale_tensor_rows
+    from trace.bisect import run_bisect
+    original = model_file(Q05)
+    bad = tmp_path / "x16.gguf"
+    scale_tensor_rows(original, bad, "blk.9.ffn_down.weight", 1.6)
+    eng = Engine(bad)
+    report = run_bisect(eng, eng.prompt_ids("What is 2+2?"), "What is 2+2?", original, isolate=isolate,
+                        tmp_root=tmp_path)
+    first = report.first_divergence
+    assert (first.layer, first.stage) == (9, "ffn_out"), first.where
+    assert abs(first.stats["norm_ratio"] - 1.6) < 0.01 and first.cosine > 0.999
+
+
+@needs_llama
+@pytest.mark.model
+@pytest.mark.parametrize("key", [SMOL, Q05, "qwen2.5-coder-1.5b-q4_k_m"])
+def test_isolate_agrees_on_the_clean_models(key):
+    model_file(key)
+    res = run_cli("bisect", key, "--isolate", timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "stages agree with llama.cpp (cosine >= 0.9998" in res.stdout.splitlines()[-1]
+    assert "isolated: each of our layers ran on the reference's own input" in res.stdout
