@@ -5,7 +5,8 @@ Usage:
   cli score [MODEL] (--text TEXT | --ids IDS) [--raw] [--no-escape] [--top N] [--json] [--threads N] [--exact] [--patch SPEC]... [--steer SPEC]... [--ablate SPEC]...
   cli trace [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--stages LIST] [--layers RANGE] [--out DIR] [--stats] [--force] [--threads N] [--engine NAME] [--exact] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--patch SPEC]... [--steer SPEC]... [--ablate SPEC]...
   cli diff PATH_A PATH_B [--atol X] [--rtol Y] [--json]
-  cli bisect [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--reference-model PATH] [--min-cosine C] [--atol X] [--rtol Y] [--plot FILE] [--json] [--threads N] [--max-tokens N] [--against NAME]
+  cli bisect [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--reference-model PATH] [--min-cosine C] [--atol X] [--rtol Y] [--plot FILE] [--json] [--threads N] [--max-tokens N] [--against NAME] [--isolate]
+  cli patch [MODEL] [--clean TEXT] [--corrupt TEXT] [--raw] [--no-escape] [--stage STAGE] [--layers RANGE] [--metric M] [--plot FILE] [--json] [--threads N] [--exact]
   cli lens [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--top N] [--layers RANGE] [--plot FILE] [--json] [--threads N] [--exact]
   cli bench [MODEL] [--prompt-tokens N] [--gen-tokens N] [--threads N] [--repeat N] [--vs-llama-cpp] [--json]
   cli tokenize TEXT [--special] [--no-escape]
@@ -23,6 +24,9 @@ Commands:
   diff       Compare two captures (or two .bin files); name the first stage that parts.
   bisect     Capture every stage of every layer with our engine and with llama.cpp; name the
              first (layer, stage) that diverges (needs llama-cpp-python: pip install '.[llamacpp]').
+  patch      Activation-patching sweep: the corrupted prompt run once per (layer, position) with
+             that activation of --stage taken from the clean prompt's run; prints the fraction
+             of --metric recovered, (patched - corrupt) / (clean - corrupt).
   lens       Logit lens: each layer's residual stream through the final norm and the output head,
              per position the top-N tokens and their probabilities.
   bench      Prefill and decode tokens/s, time to first token and peak RSS; with --vs-llama-cpp
@@ -79,7 +83,17 @@ Options:
   --against NAME     bisect --max-tokens: the reference, llama.cpp (decoding our generated tokens
                      step by step) or prefill (our own teacher-forced prefill of the whole
                      sequence, no llama.cpp needed) [default: llama.cpp].
-  --plot FILE        bisect: write a per-layer, per-stage heat map of 1 - cosine (needs matplotlib).
+  --isolate          bisect: run each of our layers on the reference's own input to it (its
+                     previous layer's output patched in), so each layer's difference is its own,
+                     not accumulated; the thresholds are far tighter (cosine 0.9998).
+  --plot FILE        Write a picture (needs matplotlib): bisect, a per-layer, per-stage heat map of
+                     1 - cosine; patch, the layer x position map of the recovered fraction; lens,
+                     the layer x position grid of top-1 tokens.
+  --clean TEXT       patch: the prompt whose activations are patched in.
+  --corrupt TEXT     patch: the prompt they are patched into (as many tokens as --clean).
+  --stage STAGE      patch: the stage patched, e.g. post_ffn_residual, attn_out, ffn_out.
+  --metric M         patch: "logit-diff A B", logit[A] - logit[B] at the last position; A and B
+                     are token ids or one token's text ('quoted' to keep a leading space).
   --special          Parse special-token text (e.g. <|im_start|>) as special tokens.
   --prompt-tokens N  bench: prompt length in tokens [default: 128].
   --gen-tokens N     bench: greedy tokens to generate [default: 64].
@@ -377,8 +391,7 @@ def cmd_diff(args) -> int:
 def cmd_bisect(args) -> int:
     import time
     from pathlib import Path
-    from trace.bisect import (DEFAULT_MIN_COSINE, GEN_LLAMA_MIN_COSINE, format_report, plot_report, run_bisect,
-                              run_generation_bisect)
+    from trace.bisect import format_report, plot_report, run_bisect, run_generation_bisect
     from trace.llama_graph import import_llama_cpp
     threads = _int(args, "--threads", 1)
     max_tokens = _int(args, "--max-tokens", 1, 1_000_000)
@@ -389,25 +402,17 @@ def cmd_bisect(args) -> int:
         raise EngineError("--against prefill compares a generation's decode steps: give --max-tokens N")
     if against == "prefill" and args["--reference-model"] is not None:
         raise EngineError("--reference-model is llama.cpp's model; --against prefill uses MODEL itself")
+    min_cos = None   # the runner's default for the mode
     if args["--min-cosine"] is not None:
         min_cos = _float(args, "--min-cosine")
-    else:
-        min_cos = GEN_LLAMA_MIN_COSINE if max_tokens is not None and against == "llama.cpp" else DEFAULT_MIN_COSINE
-    if not -1.0 <= min_cos <= 1.0:
+    if min_cos is not None and not -1.0 <= min_cos <= 1.0:
         raise EngineError(f"--min-cosine must be between -1 and 1, got {min_cos:g}")
     tol = {}
     for flag in ("--atol", "--rtol"):
         tol[flag] = None if args[flag] is None else _float(args, flag)
         if tol[flag] is not None and tol[flag] < 0:
             raise EngineError(f"{flag} must be >= 0, got {tol[flag]:g}")
-    plot = Path(args["--plot"]) if args["--plot"] else None
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise EngineError("--plot needs matplotlib, an optional extra: pip install '.[plot]'") from None
-        if not plot.parent.is_dir():
-            raise EngineError(f"--plot {plot}: folder {plot.parent} does not exist")
+    plot = _plot_path(args)
     if against == "llama.cpp":
         import_llama_cpp()
     eng = _load(args, threads)
@@ -432,10 +437,11 @@ def cmd_bisect(args) -> int:
     t0 = time.perf_counter()
     if max_tokens is not None:
         report = run_generation_bisect(eng, ids, prompt, max_tokens, against, ref, min_cos, tol["--atol"],
-                                       tol["--rtol"], threads=threads or 2, progress=sys.stderr.isatty())
+                                       tol["--rtol"], threads=threads or 2, progress=sys.stderr.isatty(),
+                                       isolate=args["--isolate"])
     else:
         report = run_bisect(eng, ids, prompt, ref, min_cos, tol["--atol"], tol["--rtol"], threads=threads or 2,
-                            progress=sys.stderr.isatty())
+                            progress=sys.stderr.isatty(), isolate=args["--isolate"])
     seconds = time.perf_counter() - t0
     report.info["seconds"] = round(seconds, 2)
     if args["--json"]:
@@ -444,8 +450,9 @@ def cmd_bisect(args) -> int:
         print(format_report(report))
     if plot is not None:
         where = "" if report.position is None else f", position {report.position}"
+        mode = ", isolated layers" if args["--isolate"] else ""
         plot_report(report, plot, f"{Path(str(eng.path)).stem} vs {against} ({Path(str(ref)).name}), "
-                                  f"{len(ids)} tokens{where}")
+                                  f"{len(ids)} tokens{where}{mode}")
         print(f"plot: {plot}", file=sys.stderr)
     info = report.info
     n_tok = info["n_tokens"]
@@ -506,14 +513,61 @@ def cmd_contracts(args) -> int:
     return contracts_main(args["NAMES"], mutate=args["--mutate"], as_json=args["--json"])
 
 
-def cmd_lens(args) -> int:
+def cmd_patch(args) -> int:
+    from trace.patching import format_sweep, parse_metric, patch_sweep, plot_sweep, sweep_layers
+    from trace.plan import PlanError, parse_stages
+    for flag in ("--clean", "--corrupt", "--stage", "--metric"):
+        if args[flag] is None:
+            raise EngineError(f"patch needs {flag}" + {"--clean": " TEXT (the prompt patched from)",
+                              "--corrupt": " TEXT (the prompt patched into)", "--stage": " STAGE (e.g. post_ffn_residual)",
+                              "--metric": ' "logit-diff TOKEN_A TOKEN_B"'}[flag])
+    try:
+        stages = parse_stages(args["--stage"])
+    except PlanError as e:
+        raise EngineError(f"--stage: {e}") from None
+    if len(stages) != 1:
+        raise EngineError(f"--stage {args['--stage']!r}: give one stage, not {len(stages)}")
+    plot = _plot_path(args)
+    eng = _load(args, _int(args, "--threads", 1))
+    (stage,) = stages
+    if stage == "qkv_bias" and not eng.config.qkv_bias:
+        raise EngineError(f"--stage qkv_bias: this {eng.config.arch} model has no qkv_bias stage")
+    layers = sweep_layers(stage, args["--layers"], eng.config.n_layers)
+    metric = parse_metric(args["--metric"], eng.tokenizer, eng.config.vocab)
+    clean = eng.prompt_ids(_text(args, "--clean"), raw=args["--raw"])
+    corrupt = eng.prompt_ids(_text(args, "--corrupt"), raw=args["--raw"])
+    result = patch_sweep(eng, clean, corrupt, stage, layers, metric, progress=sys.stderr.isatty())
+    if args["--json"]:
+        print_json({k: result[k] for k in ("layers", "positions", "clean", "corrupt", "recovered", "stage", "metric",
+                                           "clean_ids", "corrupt_ids", "patched")})
+    else:
+        print(format_sweep(result, eng.tokenizer))
+    if plot is not None:
+        plot_sweep(result, eng.tokenizer, plot, f"activation patching: {eng.path.stem}")
+        print(f"plot: {plot}", file=sys.stderr)
+    return 0
+
+
+def _plot_path(args):
+    """--plot's path, checked before any work: matplotlib present, the folder there."""
     from pathlib import Path
+    if not args["--plot"]:
+        return None
+    plot = Path(args["--plot"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise EngineError("--plot needs matplotlib, an optional extra: pip install '.[plot]'") from None
+    if not plot.parent.is_dir():
+        raise EngineError(f"--plot {plot}: folder {plot.parent} does not exist")
+    return plot
+
+
+def cmd_lens(args) -> int:
     from trace.lens import format_lens, logit_lens, plot_lens
     from trace.plan import PlanError, parse_layers
     top = _int(args, "--top", 1, 1000)
-    plot = Path(args["--plot"]) if args["--plot"] else None
-    if plot is not None and not plot.parent.is_dir():
-        raise EngineError(f"--plot {plot}: folder {plot.parent} does not exist")
+    plot = _plot_path(args)
     eng = _load(args, _int(args, "--threads", 1))
     try:
         layers = parse_layers(args["--layers"], eng.config.n_layers)
@@ -529,15 +583,13 @@ def cmd_lens(args) -> int:
     else:
         print(format_lens(result, eng.tokenizer))
     if plot is not None:
-        try:
-            plot_lens(result, eng.tokenizer, plot, f"logit lens: {eng.path.stem}")
-        except ImportError:
-            raise EngineError("--plot needs matplotlib, an optional extra: pip install '.[plot]'") from None
+        plot_lens(result, eng.tokenizer, plot, f"logit lens: {eng.path.stem}")
         print(f"plot: {plot}", file=sys.stderr)
     return 0
 
 
 COMMANDS = {"run": cmd_run, "score": cmd_score, "trace": cmd_trace, "diff": cmd_diff, "bisect": cmd_bisect, "lens": cmd_lens,
+            "patch": cmd_patch,
             "tokenize": cmd_tokenize, "fetch": cmd_fetch, "bench": cmd_bench,
             "inspect": cmd_inspect, "contracts": cmd_contracts}
 
