@@ -1,7 +1,8 @@
 """Every example command in README.md runs as written: a README example that breaks fails CI.
 
-The examples are the `python -m cli ...` and `numgguf ...` lines of the README's ```sh blocks
-(grammar lines with [OPTIONS] placeholders are not examples). Each runs in order in one
+The examples are the `python -m cli ...`, `numgguf ...` and `python -c ...` (making an input
+file for the next line) lines of the README's ```sh blocks (grammar lines with [OPTIONS]
+placeholders are not examples). Each runs in order in one
 temporary folder, with three substitutions that keep the suite fast and self-contained:
 - a forward-running command that names no model (run, score, trace, bisect) gets the small
   model, and `path/to/model.gguf` becomes the small model's file;
@@ -37,7 +38,7 @@ def readme_examples() -> list[str]:
         if line.startswith("```"):
             in_sh = line.strip() == "```sh"
             continue
-        if in_sh and re.match(r"(python -m cli|numgguf) ", line) and not re.search(r"\[(--|[A-Z])", line):
+        if in_sh and re.match(r"(python -m cli|numgguf|python -c) ", line) and not re.search(r"\[(--|[A-Z])", line):
             lines.append(line)
     return lines
 
@@ -53,6 +54,8 @@ def argv_for(line: str, tmp: Path) -> tuple[list[str], str | None]:
         except ValueError:
             continue
     words = [w.replace("/tmp/", f"{tmp}/") for w in words]
+    if words[:2] == ["python", "-c"]:
+        return [sys.executable, "-c", *words[2:]], None
     prog, rest = (words[:3], words[3:]) if words[0] == "python" else (words[:1], words[1:])
     cmd = rest[0]
     small = str(model_file(SMALL))
@@ -107,7 +110,7 @@ def test_readme_examples_run_as_written(tmp_path):
     ran = 0
     for line in readme_examples():
         argv, want = argv_for(line, tmp_path)
-        cmd = argv[3] if argv[0] == sys.executable else argv[1]
+        cmd = argv[1] if argv[1] == "-c" else argv[3] if argv[0] == sys.executable else argv[1]
         if cmd in NOT_RUN or (cmd == "bisect" and not have_llama):
             continue
         if cmd == "tokenize":

@@ -415,6 +415,9 @@ def format_report(report: BisectReport) -> str:
                      (f"; {first.note}" if first.note else ""))
         if prev is not None:
             lines.append(f"  stage before it: {prev.where} ({prev.status}): {_metrics(prev)}")
+        if th.mode == "drifting" and against == "llama.cpp":
+            lines.append("  (each of our layers ran on our own upstream values: --isolate tells a layer's own "
+                         "error from drift it inherited)")
     return "\n".join(lines)
 
 

@@ -176,7 +176,7 @@ def plot_sweep(result: dict, tokenizer, path, title: str) -> None:
     rec = np.asarray(result["recovered"])
     lim = max(1.0, float(np.nanmax(np.abs(rec))))
     n_layers, n_pos = rec.shape
-    fig, ax = plt.subplots(figsize=(2.0 + 0.55 * n_pos, 1.6 + 0.25 * n_layers))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.0 + 0.55 * n_pos), 2.0 + 0.25 * n_layers))
     im = ax.imshow(rec, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest", origin="lower")
     ax.set_xticks(range(n_pos), _position_labels(result, tokenizer, 10), rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(n_layers), ["-" if L is None else str(L) for L in result["layers"]], fontsize=7)
@@ -184,8 +184,8 @@ def plot_sweep(result: dict, tokenizer, path, title: str) -> None:
     ax.set_ylabel("layer")
     cb = fig.colorbar(im, ax=ax)
     cb.set_label("fraction of the metric recovered")
-    ax.set_title(f"{title}\n{result['stage']} patched from the clean run; metric {result['metric']}: clean "
-                 f"{result['clean']:.3f}, corrupt {result['corrupt']:.3f}", fontsize=8)
+    ax.set_title(f"{title}\n{result['stage']} patched from the clean run, one (layer, position) at a time\n"
+                 f"metric {result['metric']}: clean {result['clean']:.3f}, corrupt {result['corrupt']:.3f}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
