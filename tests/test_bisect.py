@@ -320,3 +320,18 @@ def test_isolate_agrees_on_the_clean_models(key):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "stages agree with llama.cpp (cosine >= 0.9998" in res.stdout.splitlines()[-1]
     assert "isolated: each of our layers ran on the reference's own input" in res.stdout
+
+
+def test_drift_passed_on_within_its_growth_is_inherited_even_from_an_agreeing_input(tmp_path):
+    """A stage below the threshold whose error is no more than INHERIT_GROWTH x its (agreeing)
+    input's made none of it; one that grows it more is the divergence."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    noisy = lambda v, r: (v + r * np.linalg.norm(v) / 16 * rng.standard_normal(v.shape)).astype(np.float32)  # noqa: E731
+    swigl_ref, out_ref = x, rng.standard_normal((1, 256)).astype(np.float32)
+    for growth, want in ((1.3, "inherited"), (5.0, "fail")):   # swigl: cosine ~0.993; out ~0.988 / ~0.85
+        report = _compare(tmp_path / str(growth), {("ffn_swigl", 0): noisy(swigl_ref, 0.12),
+                                                   ("ffn_out", 0): noisy(out_ref, 0.12 * growth)},
+                          {("ffn_swigl", 0): swigl_ref, ("ffn_out", 0): out_ref})
+        swigl, out = report.results
+        assert swigl.status == "ok" and out.status == want, (swigl, out)
