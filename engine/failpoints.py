@@ -27,7 +27,7 @@ CATALOGUE: dict[str, str] = {
     "hooks.no_unfuse": "hooks on fused stages (ffn_silu, attn_scores, attn_softmax) run, but what follows is not "
                        "recomputed from the hooked values",
     "patching.wrong_source": "the patch sweep keeps the corrupted run's activations as the clean run's",
-    "bisect.cosine_only": "bisect verdicts ignore the norm ratio and the relative error (cosine only)",
+    "bisect.cosine_only": "bisect verdicts ignore the norm ratio, the relative error and the units' scale (cosine only)",
     "bisect.no_isolation": "bisect --isolate keeps our values but does not patch the reference's in",
     "kv.grow_no_copy": "KVCache.reserve grows the cache without copying the positions it held",
     "plan.range_exclusive": "trace.plan reads the layer range A-B as exclusive of B",

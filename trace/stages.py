@@ -11,3 +11,6 @@ STAGES = (
 WHOLE_MODEL_STAGES = ("embedding", "final_norm", "lm_head")
 ALIASES = {"layer_output": "post_ffn_residual"}
 STAGE_INDEX = {name: i for i, name in enumerate(STAGES)}
+# Stages that are a weight matrix times the stage before: each output unit (column) is one row
+# of the matrix, so a fault in some of its rows shows on those units.
+WEIGHT_MATMUL_STAGES = ("qkv_matmul", "attn_out", "ffn_gate", "ffn_up", "ffn_out", "lm_head")
