@@ -85,3 +85,39 @@ def test_patch_from_another_model_is_refused(tiny, tmp_path):
     cap = tmp_path / "cap"
     assert run_cli("trace", other, "--stages", "attn_out", "--layers", "1", "--out", cap).returncode == 0
     assert_one_line_error(run_cli("score", tiny, "--text", TEXT, "--patch", f"attn_out:1={cap}"), "another model")
+
+
+Q05 = "qwen2.5-coder-0.5b-q4_k_m"
+
+
+@pytest.mark.model
+def test_on_the_05b_patch_is_exact_zero_steer_changes_nothing_and_ablation_does(tmp_path):
+    """The issue's 'done when' on a real model: layer 12 of 24 patched at every position from a
+    capture of another prompt makes every later stage and the logits that prompt's bit for bit
+    (the same kernels on the same inputs: no tolerance); a zero --steer leaves every score as it
+    was; --ablate attn_out:12 changes them."""
+    from tests.conftest import engine_for, model_file
+    from tests.helpers import KeepSink
+    model_file(Q05)
+    eng = engine_for(Q05)
+    a = eng.prompt_ids("The capital of Spain is", raw=True)
+    b = eng.prompt_ids("The capital of Italy is", raw=True)
+    assert len(a) == len(b) and a != b
+    keep_b, keep_a = KeepSink(), KeepSink()
+    logits_b = eng.new_session().forward(b, sink=keep_b, all_logits=True)
+    src = keep_b.kept["post_ffn_residual", 12]
+    hooks = {("post_ffn_residual", 12): lambda v, pos: v.__setitem__(slice(None), src[pos])}
+    logits_a = eng.new_session().forward(a, sink=keep_a, all_logits=True, hooks=hooks)
+    np.testing.assert_array_equal(logits_a, logits_b)
+    later = [k for k in keep_b.kept if k[1] is not None and k[1] > 12 or k[0] in ("final_norm", "lm_head")]
+    assert len(later) > 11 * 16
+    for key in later:
+        np.testing.assert_array_equal(keep_a.kept[key], keep_b.kept[key], err_msg=str(key))
+    assert not np.array_equal(keep_a.kept["post_ffn_residual", 11], keep_b.kept["post_ffn_residual", 11])
+
+    base = score(Q05, text="The capital of Spain is")
+    zero = tmp_path / "zero.npy"
+    np.save(zero, np.zeros(eng.config.dim, np.float32))
+    assert score(Q05, "--steer", f"post_ffn_residual:12={zero}", text="The capital of Spain is") == base
+    ablated = score(Q05, "--ablate", "attn_out:12", text="The capital of Spain is")
+    assert all(p != q for p, q in zip(ablated["positions"], base["positions"]))
