@@ -436,7 +436,7 @@ def format_report(report: BisectReport) -> str:
     tol = f"cosine >= {report.min_cosine:g}, norm ratio 1 +- {th.max_norm_dev:g}"
     if th.max_rel_err is not None:
         tol += f", rel err <= {th.max_rel_err:g}"
-    if th.unit_scale_coeff is not None:
+    if th.unit_scale_coeff is not None and not report.positions:   # one row at a time: no unit check
         tol += f", matmul units' scale 1 +- {th.unit_scale_coeff:g}/sqrt(T)"
     if report.atol is not None or report.rtol is not None:
         tol += f", |ours-ref| <= {report.atol or 0:g} + {report.rtol or 0:g}*|llama|"
