@@ -112,19 +112,25 @@ def test_trace_writes_files_manifest_and_stats(models, tmp_path):
 def test_trace_exact_captures_the_float32_forward(models, tmp_path):
     """--exact captures Engine(exact=True)'s values bit for bit; the default capture (int8
     activations, f16 K/V) is a different forward."""
-    from engine.api import Engine
-    from tests.helpers import KeepSink
     caps = {}
     for flag in ((), ("--exact",)):
         out = tmp_path / ("exact" if flag else "default")
         res = run_cli("trace", models["qwen2"], "--stages", "ffn_out,lm_head", "--layers", "1", "--out", out, *flag)
         assert res.returncode == 0, res.stderr
         caps[bool(flag)] = {n: np.asarray(read_aprt(out / n).values) for n in ("layer-1/ffn_out.bin", "lm_head.bin")}
-    eng = Engine(models["qwen2"], exact=True)
-    sink = KeepSink()
-    eng.forward(eng.prompt_ids("What is 2+2?"), sink=sink)
-    np.testing.assert_array_equal(caps[True]["layer-1/ffn_out.bin"], sink.kept["ffn_out", 1].ravel())
-    np.testing.assert_array_equal(caps[True]["lm_head.bin"], sink.kept["lm_head", None].ravel())
+    # The reference forward runs in a fresh process as the CLI does: after the whole suite had run
+    # in this one, its lm_head once differed from a fresh process's by up to 4.8e-7 (a process-
+    # history dependence of the kernels, not of the trace; see the session note).
+    ref = tmp_path / "ref.npz"
+    code = (f"import numpy as np; from engine.api import Engine; from tests.helpers import KeepSink; "
+            f"e = Engine({str(models['qwen2'])!r}, exact=True); s = KeepSink(); "
+            f"e.forward(e.prompt_ids('What is 2+2?'), sink=s); "
+            f"np.savez({str(ref)!r}, ffn_out=s.kept['ffn_out', 1], lm_head=s.kept['lm_head', None])")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    kept = np.load(ref)
+    np.testing.assert_array_equal(caps[True]["layer-1/ffn_out.bin"], kept["ffn_out"].ravel())
+    np.testing.assert_array_equal(caps[True]["lm_head.bin"], kept["lm_head"].ravel())
     assert not np.array_equal(caps[False]["layer-1/ffn_out.bin"], caps[True]["layer-1/ffn_out.bin"])
 
 
