@@ -44,6 +44,7 @@ import re
 import struct
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,31 @@ def llama_plan(plan: TracePlan) -> TracePlan:
     return TracePlan(tuple(s for s in plan.stages if s not in UNEXPOSED), plan.layers)
 
 
+@contextmanager
+def _aborted_on_failure(sink, progress: bool):
+    """The forward's frame: on any failure the sink's unpublished files are aborted; the
+    progress line is ended either way."""
+    try:
+        yield
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if progress:
+            sys.stderr.write("\n")
+
+
+@contextmanager
+def _removed_on_failure(out: Path, plan: TracePlan):
+    """The capture's frame: a failure anywhere, publishing and the manifest too, removes every
+    file the plan would write, so nothing is left that looks whole."""
+    try:
+        yield
+    except BaseException:
+        remove_capture(out, plan)
+        raise
+
+
 def _check_complete(plan: TracePlan, written, where: str = "") -> None:
     missing = [k for k in planned_keys(plan) if k not in written]
     if missing:
@@ -266,22 +292,13 @@ def capture_llama(model_path, ids: list[int], plan: TracePlan, out: Path, prompt
     sink = TraceSink(out, plan, cfg.n_layers)
     col = _Collector(sink, plan, len(ids), cfg.n_layers, progress)
     t0 = time.perf_counter()
-    try:
-        try:
+    with _removed_on_failure(out, plan):
+        with _aborted_on_failure(sink, progress):
             run_graph(model_path, ids, col.want, col.take, n_threads=n_threads)
             _check_complete(plan, col.written)
-        except BaseException:
-            sink.abort()
-            raise
-        finally:
-            if progress:
-                sys.stderr.write("\n")
         seconds = time.perf_counter() - t0
         return _write_manifest(out, model_path, cfg, plan, prompt, ids, model_sha256, seconds, sink.finish(),
                                with_stats)
-    except BaseException:
-        remove_capture(out, plan)  # failed while publishing or writing the manifest too
-        raise
 
 
 def capture_llama_generation(model_path, token_ids: list[int], n_prompt: int, plan: TracePlan, out: Path,
@@ -319,8 +336,8 @@ def capture_llama_generation(model_path, token_ids: list[int], n_prompt: int, pl
     files = GenerationSink(out, plan, cfg, n_tokens, n_prompt)   # the same files our engine's generation writes
     col = _Collector(files, plan, n_prompt, cfg.n_layers, False)
     t0 = time.perf_counter()
-    try:
-        try:
+    with _removed_on_failure(out, plan):
+        with _aborted_on_failure(files, progress):
             files.create()
             with LlamaGraph(model_path, n_tokens, col.want, col.take, n_threads=n_threads,
                             n_batch_tokens=n_prompt) as graph:
@@ -332,15 +349,6 @@ def capture_llama_generation(model_path, token_ids: list[int], n_prompt: int, pl
                     col.begin(pos0, len(chunk))
                     graph.decode(chunk, pos0)
                     _check_complete(plan, col.written, f" in llama_decode {step + 1} of {len(forwards)}")
-        except BaseException:
-            files.abort()
-            raise
-        finally:
-            if progress:
-                sys.stderr.write("\n")
         seconds = time.perf_counter() - t0
         return _write_manifest(out, model_path, cfg, plan, prompt, ids, model_sha256, seconds, files.finish(n_tokens),
                                False, layout="generation", prompt_tokens=n_prompt, generated_ids=ids[n_prompt:])
-    except BaseException:
-        remove_capture(out, plan)
-        raise
