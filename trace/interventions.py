@@ -188,15 +188,20 @@ def _patch(spec: _Spec, cfg, model_sha256: str | None, n_positions: int | None):
     def fn(values, positions):
         for r in _rows(positions, spec.positions):
             i = row_of(int(positions[r]))
-            if spec.stage in ATTENTION_STAGES:
-                keys = values.shape[2]
-                if keys > src.shape[2]:
-                    raise EngineError(f"--patch {spec.text!r}: the capture has {src.shape[2]} keys, "
-                                      f"the forward needs {keys}")
-                values[:, r, :] = src[:, i, :keys]
-            else:
-                values[r] = src[i]
+            if spec.stage in ATTENTION_STAGES and values.shape[2] > src.shape[2]:
+                raise EngineError(f"--patch {spec.text!r}: the capture has {src.shape[2]} keys, "
+                                  f"the forward needs {values.shape[2]}")
+            put_row(spec.stage, values, r, src, i)
     return fn
+
+
+def put_row(stage: str, values: np.ndarray, r: int, source: np.ndarray, i: int) -> None:
+    """The forward's row r of a stage's values := row i of `source` ([T, width]; for attention
+    stages [heads, T, keys], every head's query row i over the keys the forward has)."""
+    if stage in ATTENTION_STAGES:
+        values[:, r, :] = source[:, i, :values.shape[2]]
+    else:
+        values[r] = source[i]
 
 
 def build_hooks(cfg, n_prompt: int, patches=(), steers=(), ablations=(), model_sha256: str | None = None,

@@ -25,7 +25,7 @@ import numpy as np
 
 from engine import failpoints
 from engine.errors import EngineError
-from trace.plan import ATTENTION_STAGES
+from trace.interventions import put_row
 from trace.stages import WHOLE_MODEL_STAGES
 
 METRICS = ("logit-diff",)
@@ -76,10 +76,7 @@ def _replace_row(stage: str, source: np.ndarray, position: int):
     the forward's row of that position."""
     def fn(values, positions):
         for r in np.flatnonzero(positions == position):
-            if stage in ATTENTION_STAGES:
-                values[:, r, :] = source[:, position, :values.shape[2]]
-            else:
-                values[r] = source[position]
+            put_row(stage, values, r, source, position)
     return fn
 
 
