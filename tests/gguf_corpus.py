@@ -210,7 +210,7 @@ CORPUS = {
     "token_type_all_byte": (lambda b: rebuild(b, {"tokenizer.ggml.token_type": np.full(N_VOCAB, 6, np.int32)}), None),
     "token_type_wild": (lambda b: rebuild(b, {"tokenizer.ggml.token_type":
                                               np.arange(-133, 133, dtype=np.int32) * 1000003}), None),
-    "tokenizer_model_llama": (lambda b: rebuild(b, {"tokenizer.ggml.model": "llama"}), "unsupported tokenizer model"),
+    "tokenizer_model_bert": (lambda b: rebuild(b, {"tokenizer.ggml.model": "bert"}), "unsupported tokenizer model 'bert'"),
     "tokenizer_model_array": (lambda b: rebuild(b, {"tokenizer.ggml.model": np.zeros(3, np.uint8)}),
                               "unsupported tokenizer model (a ndarray)"),
     "pre_array": (lambda b: rebuild(b, {"tokenizer.ggml.pre": np.zeros(3, np.uint8)}), "unknown pre-tokenizer"),

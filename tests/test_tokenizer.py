@@ -255,7 +255,7 @@ def test_template_errors_are_engine_errors(tpl):
 
 
 @pytest.mark.parametrize("extra,words", [
-    ({"tokenizer.ggml.model": "llama"}, "unsupported tokenizer model 'llama'"),
+    ({"tokenizer.ggml.model": "bert"}, "unsupported tokenizer model 'bert'"),
     ({"tokenizer.ggml.pre": "no-such-pre"}, "unknown pre-tokenizer 'no-such-pre'"),
     ({"tokenizer.ggml.merges": None}, "merges missing"),
 ])
