@@ -34,7 +34,7 @@ Commands:
              medians and ratios ours/llama.cpp.
   tokenize   Print token ids as a JSON list (like llama.cpp's llama-tokenize).
   fetch      Download and verify a known model into the cache (all of them without KEY).
-  inspect    Print a model's config and a table of its tensor types.
+  inspect    Print whether we can run a model (if not, what is missing; exit 1), its config and tensor types.
   contracts  Validate contracts/*.yaml and run their falsification tests; with --mutate run each
              test again under its fail point and fail if any test does not catch it.
 
@@ -241,6 +241,9 @@ def cmd_run(args) -> int:
     eng = _load(args, threads, n_ctx)
     prompt = _text(args, "--prompt") if args["--prompt"] is not None else RUN_PROMPT
     ids = eng.prompt_ids(prompt, raw=args["--raw"])
+    if not args["--raw"] and not eng.has_chat_template:
+        print(f"{eng.path.name} has no chat template (a base model?): the prompt is sent as raw text",
+              file=sys.stderr)
     check_prompt(ids, eng.n_ctx)
     hooks = _hooks(args, eng, ids, max_tokens)
     # load and kernel set-up on their own line, so that the prefill rate below is the forward's own
@@ -486,8 +489,9 @@ def cmd_fetch(args) -> int:
 
 def cmd_inspect(args) -> int:
     from engine.inspect import describe
-    print(describe(args["MODEL"]))
-    return 0
+    text, supported = describe(args["MODEL"])
+    print(text)
+    return 0 if supported else 1
 
 
 def cmd_bench(args) -> int:

@@ -107,10 +107,21 @@ class Engine:
 
     # -- prompts -----------------------------------------------------------------------
     def prompt_ids(self, text: str, raw: bool = False) -> list[int]:
-        """Token ids of a user prompt: the chat template unless raw (raw parses special tokens)."""
-        if not raw and self.gguf.metadata.get("tokenizer.chat_template"):
+        """Token ids of a user prompt: the chat template unless raw or the model has none (special
+        tokens parsed either way), with BOS/EOS where the model adds them (as llama.cpp does)."""
+        templated = not raw and self.has_chat_template
+        if templated:
             text = self.tokenizer.render_chat([{"role": "user", "content": text}])
-        return self.tokenizer.encode(text, parse_special=True)
+        ids = self.tokenizer.encode(text, parse_special=True, add_special=True)
+        bos = self.tokenizer.bos_id
+        if templated and len(ids) > 1 and bos is not None and ids[0] == ids[1] == bos:
+            ids = ids[1:]   # the template wrote BOS itself
+        return ids
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the model file has a chat template (a base model often has none)."""
+        return bool(self.gguf.metadata.get("tokenizer.chat_template"))
 
     # -- model calls on the default session --------------------------------------------
     def forward(self, ids, pos: int = 0, sink=None, all_logits: bool = False) -> np.ndarray:

@@ -37,6 +37,7 @@ CATALOGUE: dict[str, str] = {
     "forward.attn_scale": "the forward scales attention logits by 1.5 too much",
     "forward.kv_slot": "a decode step writes its K/V into the cache slot after its own position",
     "forward.decode_mask": "a decode step's attention mask is off by one: the token does not see itself",
+    "forward.no_sliding_window": "sliding-window layers attend to every earlier position (no window)",
     "session.stale_cache": "a new session reuses its engine's previous session's KV cache and does not rewrite "
                            "the positions that session left",
     "cli.tokenize_special": "`cli tokenize --special` does not parse special tokens",

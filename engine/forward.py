@@ -8,57 +8,38 @@ from __future__ import annotations
 import numpy as np
 
 from engine import failpoints
+from engine.arch import ACTIVATION_STAGES, ARCHS
 from engine.errors import EngineError
 from engine.model import Config, Weights
 from kernels.attention import attend, attention, softmax_causal, store_kv
 from kernels import elementwise, norm
 from kernels import rope as rope_mod
-from kernels.matmul import Q8_0_ACT, Int8Activations, Int8Group, get_rows, int8_kind, matmul, matmul_int8_group
+from kernels.matmul import Int8Activations, MatmulGroup, get_rows, matmul_group
 from kernels.rope import rope_inv_freq
 
 
-class SharedInput:
-    """How the matmuls that read one input run: int8 groups, one per activation layout the
-    weights need (x is quantized once per layout, each group is one launch), and float32
-    matmuls for weights with no int8 path (or all of them if exact)."""
-
-    def __init__(self, exact: bool, *ws):
-        by_kind: dict[str, list[int]] = {}
-        self.float_idx = []
-        for i, w in enumerate(ws):
-            kind = None if exact else int8_kind(w.qtype, w.cols)
-            if kind is None:
-                self.float_idx.append(i)
-            else:
-                by_kind.setdefault(kind, []).append(i)
-        self.groups = [(kind, Int8Group([(ws[i].data, ws[i].qtype) for i in idx]), idx)
-                       for kind, idx in by_kind.items()]
-
-
-class LayerPlan:
+class LayerMatmuls:
     """One layer's matmuls by shared input: q/k/v, the output projection, gate/up, down."""
 
     def __init__(self, layer, exact: bool):
-        self.qkv = SharedInput(exact, layer.wq, layer.wk, layer.wv)
-        self.wo = SharedInput(exact, layer.wo)
-        self.gate_up = SharedInput(exact, layer.w_gate, layer.w_up)
-        self.down = SharedInput(exact, layer.w_down)
+        group = lambda *ws: MatmulGroup([(w.data, w.qtype) for w in ws], exact)  # noqa: E731
+        self.qkv = group(layer.wq, layer.wk, layer.wv)
+        self.wo = group(layer.wo)
+        self.gate_up = group(layer.w_gate, layer.w_up)
+        self.down = group(layer.w_down)
 
 
 class Model:
     """Config + Weights + the small derived constants the forward needs.
 
     By default the forward rounds as llama.cpp does, which is what keeps its logits
-    close to llama.cpp's (tests/test_parity_llamacpp.py): every Q4_K/Q6_K/Q8_0/Q5_0/Q4_1
-    matmul runs on int8 activations with integer dot products (ggml's Q8_K and Q8_0
-    paths), and K/V are rounded to float16 as they enter the cache (llama.cpp's f16
-    KV cache). In activations with outliers (repeated text drives some channels into the
+    close to llama.cpp's (tests/test_parity_llamacpp.py): every matmul against a type with
+    an integer path runs on int8 activations (ggml's Q8_K and Q8_0 paths; which kernel runs
+    is kernels.matmul.MatmulGroup's choice), and K/V are rounded to float16 as they enter
+    the cache (llama.cpp's f16 KV cache). In activations with outliers (repeated text drives some channels into the
     thousands) that rounding is not noise but a systematic shift, and a float32
     forward of such prompts ends up further from llama.cpp than the int8 one. The
-    one exception is a prompt's lm_head: a single row, free in float32, where int8
-    rounding would only add noise llama.cpp's logits do not share. (A prompt's matmuls
-    against 32-element-block types run the float kernel on the int8-rounded activations:
-    same values, faster there; see _mm.)
+    one exception is a prompt's lm_head, in float32 (see MatmulGroup).
 
     exact=True keeps every matmul in float32 (each weight dequantized exactly) and
     K/V in float32, and sums attention scores in float64 (see kernels.attention), for
@@ -68,11 +49,20 @@ class Model:
         self.cfg = cfg
         self.weights = weights
         self.exact = exact
-        self.plans = [LayerPlan(layer, exact) for layer in weights.layers]
-        self.output_decode = SharedInput(exact, weights.output)
-        self.output_prompt = SharedInput(True, weights.output)
-        self.inv_freq = rope_inv_freq(cfg.n_rot, cfg.rope_base)
+        self.matmuls = [LayerMatmuls(layer, exact) for layer in weights.layers]
+        self.output = MatmulGroup([(weights.output.data, weights.output.qtype)], exact, float_prompts=True)
+        self.arch = ARCHS[cfg.arch]
+        # the rotary frequencies of each layer: base^(-2i/n_rot), times the linear scale (llama.cpp's
+        # freq_scale: positions / rope.scaling.factor), over Llama 3's per-pair factors (rope_freqs.weight:
+        # ggml's rope divides each theta by freq_factors[i])
+        self.inv_freq = [rope_inv_freq(cfg.n_rot, cfg.rope_base_of(li)) * cfg.rope_scale_of(li)
+                         for li in range(cfg.n_layers)]
+        if weights.rope_freqs is not None:
+            self.inv_freq = [f / weights.rope_freqs.astype(np.float64) for f in self.inv_freq]
         self.attn_scale = 1.0 / np.sqrt(cfg.head_dim)
+        # gemma: embeddings times sqrt(dim), in float32 as ggml_scale does
+        self.embed_scale = np.float32(np.sqrt(np.float32(cfg.dim))) if self.arch.embed_scale else None
+        self.act_stages = ACTIVATION_STAGES[self.arch.activation]
         # q, k and v biases side by side, matching the qkv_matmul layout
         self.qkv_bias = [np.concatenate([l.bq, l.bk, l.bv]) if cfg.qkv_bias else None
                          for l in weights.layers]
@@ -82,6 +72,10 @@ class Model:
 # work, and on a busy machine it waits for a descheduled worker thread (measured: ~4 ms per launch).
 def rmsnorm(x, w, eps, out):
     (norm.rmsnorm_serial if x.shape[0] == 1 else norm.rmsnorm)(x, w, eps, out)
+
+
+def rmsnorm_heads(x, w, eps, n_heads, out):
+    (norm.rmsnorm_heads_serial if x.shape[0] == 1 else norm.rmsnorm_heads)(x, w, eps, n_heads, out)
 
 
 def add(a, b, out):
@@ -102,24 +96,32 @@ def silu_and_swiglu(gate, up, silu_out, swiglu_out):
         gate, up, silu_out, swiglu_out)
 
 
-def _mm(int8: Int8Activations, x, plan: SharedInput, *pairs):
-    """out = x @ W.T for each (W, out) pair, as `plan` says (int8 groups, then float32);
-    `int8` holds the session's int8 activation buffers."""
-    for kind, group, idx in plan.groups:
-        if kind == Q8_0_ACT and x.shape[0] > 1:
-            # Prompts against 32-element blocks: the integer kernel pays a float scale per 32
-            # products per token and is slower than the batched float32 kernel (0.5B gate, 128
-            # tokens: 56 vs 83 GMAC/s), so the float kernel gets x rounded to the same int8 grid.
-            rounded = int8.rounded(x, kind)
-            for i in idx:
-                matmul(pairs[i][0].data, pairs[i][0].qtype, rounded, pairs[i][1])
-        else:
-            matmul_int8_group(group, int8.quantize(x, kind), [pairs[i][1] for i in idx])
-    for i in plan.float_idx:
-        w, out = pairs[i]
-        matmul(w.data, w.qtype, x, out)
+def gelu_and_geglu(gate, up, gelu_out, geglu_out, f16):
+    (elementwise.gelu_and_geglu_serial if gate.shape[0] == 1 else elementwise.gelu_and_geglu)(
+        gate, up, gelu_out, geglu_out, f16)
+
+
+def softcap(logits, cap):
+    """logits = cap * tanh(logits / cap), in place (final logit soft-capping)."""
+    if cap:
+        np.multiply(np.tanh(logits / np.float32(cap)), np.float32(cap), out=logits)
+
+
+def _post_norm(sink, hk, stage: str, li: int, x, w, eps):
+    """A post-norm stage (gemma: the attention or FFN output RMS-normed before its residual add)."""
+    normed = sink.buffer(stage, li, x.shape)
+    rmsnorm(x, w, eps, normed)
+    if hk:
+        hk(stage, li, normed)
+    return normed
+
+
+def _mm(int8: Int8Activations, x, group: MatmulGroup, *outs, prompt=None):
+    """outs[i] = x @ W_i.T for the group's matrices; `int8` holds the session's int8 buffers;
+    `prompt` as matmul_group's (the lm_head of a prompt's forward reads one row)."""
+    matmul_group(group, int8, x, list(outs), prompt=prompt)
     if failpoints.active("quant.matmul_scale"):
-        for _, out in pairs:
+        for out in outs:
             out *= np.float32(1.01)
 
 
@@ -210,16 +212,18 @@ def forward(model: Model, session, tokens: np.ndarray, pos0: int, sink=None, all
     get_rows(w.token_embd.data, w.token_embd.qtype, tokens, x)
     if failpoints.active("quant.get_rows_ulp"):
         x[:, -1] = np.nextafter(x[:, -1], np.float32(np.inf))
+    if model.embed_scale is not None:
+        x *= model.embed_scale
     if hk:
         hk("embedding", None, x)
     for li, layer in enumerate(w.layers):
-        g = model.plans[li]
+        g = model.matmuls[li]
         h = sink.buffer("attn_norm", li, (n, cfg.dim))
         rmsnorm(x, layer.attn_norm, cfg.eps, h)
         if hk:
             hk("attn_norm", li, h)
         qkv = sink.buffer("qkv_matmul", li, (n, qd + 2 * kvd))
-        _mm(int8, h, g.qkv, (layer.wq, qkv[:, :qd]), (layer.wk, qkv[:, qd:qd + kvd]), (layer.wv, qkv[:, qd + kvd:]))
+        _mm(int8, h, g.qkv, qkv[:, :qd], qkv[:, qd:qd + kvd], qkv[:, qd + kvd:])
         if hk:
             hk("qkv_matmul", li, qkv)
         if model.qkv_bias[li] is not None:
@@ -228,11 +232,22 @@ def forward(model: Model, session, tokens: np.ndarray, pos0: int, sink=None, all
             qkv = biased
             if hk:
                 hk("qkv_bias", li, qkv)
+        q, k = qkv[:, :qd], qkv[:, qd:qd + kvd]
+        if layer.q_norm is not None:   # an RMSNorm over each head of Q and of K, before RoPE
+            q = sink.buffer("q_norm", li, (n, qd))
+            rmsnorm_heads(qkv[:, :qd], layer.q_norm, cfg.eps, cfg.n_heads, q)
+            k = sink.buffer("k_norm", li, (n, kvd))
+            rmsnorm_heads(qkv[:, qd:qd + kvd], layer.k_norm, cfg.eps, cfg.n_kv_heads, k)
+            if hk:
+                hk("q_norm", li, q)
+                hk("k_norm", li, k)
+        inv_freq, window = model.inv_freq[li], cfg.window(li)
+        if window and failpoints.active("forward.no_sliding_window"):
+            window = 0
         q_rope = sink.buffer("q_post_rope", li, (n, qd))
-        rope(qkv[:, :qd], positions, cfg.n_heads, cfg.head_dim, cfg.n_rot, model.inv_freq, cfg.rope_neox, q_rope)
+        rope(q, positions, cfg.n_heads, cfg.head_dim, cfg.n_rot, inv_freq, cfg.rope_neox, q_rope)
         k_rope = sink.buffer("k_post_rope", li, (n, kvd))
-        rope(qkv[:, qd:qd + kvd], positions, cfg.n_kv_heads, cfg.head_dim, cfg.n_rot, model.inv_freq,
-             cfg.rope_neox, k_rope)
+        rope(k, positions, cfg.n_kv_heads, cfg.head_dim, cfg.n_rot, inv_freq, cfg.rope_neox, k_rope)
         if hk:   # before K enters the cache: a hooked k_post_rope is what later positions attend to
             hk("q_post_rope", li, q_rope)
             hk("k_post_rope", li, k_rope)
@@ -246,21 +261,23 @@ def forward(model: Model, session, tokens: np.ndarray, pos0: int, sink=None, all
         probs = sink.buffer("attn_softmax", li, (cfg.n_heads, n, n_keys))
         att = sink.buffer("attention", li, (n, qd))
         attention(q_rope, kv.k[li], kv.v[li], attn_pos0, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                  attn_scale, scores, probs, att, f64_scores=model.exact)
+                  attn_scale, scores, probs, att, f64_scores=model.exact, window=window)
         if hk:   # one fused kernel: unfused from the first hooked stage on, only while hooked
             unfuse = not failpoints.active("hooks.no_unfuse")
             if hk.wants("attn_scores", li) and unfuse:
                 hk("attn_scores", li, scores)
-                softmax_causal(scores, attn_pos0, probs)
+                softmax_causal(scores, attn_pos0, probs, window=window)
             if hk.wants("attn_softmax", li):
                 hk("attn_softmax", li, probs)
             if (hk.wants("attn_scores", li) or hk.wants("attn_softmax", li)) and unfuse:
-                attend(probs, kv.v[li], attn_pos0, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, att)
+                attend(probs, kv.v[li], attn_pos0, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, att, window=window)
             hk("attention", li, att)
         att_out = sink.buffer("attn_out", li, (n, cfg.dim))
-        _mm(int8, att, g.wo, (layer.wo, att_out))
+        _mm(int8, att, g.wo, att_out)
         if hk:
             hk("attn_out", li, att_out)
+        if layer.post_attn_norm is not None:
+            att_out = _post_norm(sink, hk, "post_attn_norm", li, att_out, layer.post_attn_norm, cfg.eps)
         resid = sink.buffer("post_attn_residual", li, (n, cfg.dim))
         add(x, att_out, resid)
         if hk:
@@ -271,23 +288,29 @@ def forward(model: Model, session, tokens: np.ndarray, pos0: int, sink=None, all
             hk("ffn_norm", li, h)
         gate = sink.buffer("ffn_gate", li, (n, cfg.ffn_dim))
         up = sink.buffer("ffn_up", li, (n, cfg.ffn_dim))
-        _mm(int8, h, g.gate_up, (layer.w_gate, gate), (layer.w_up, up))
+        _mm(int8, h, g.gate_up, gate, up)
         if hk:
             hk("ffn_gate", li, gate)
             hk("ffn_up", li, up)
-        silu = sink.buffer("ffn_silu", li, (n, cfg.ffn_dim))
-        swigl = sink.buffer("ffn_swigl", li, (n, cfg.ffn_dim))
-        silu_and_swiglu(gate, up, silu, swigl)
+        act_stage, gated_stage = model.act_stages
+        act = sink.buffer(act_stage, li, (n, cfg.ffn_dim))
+        gated = sink.buffer(gated_stage, li, (n, cfg.ffn_dim))
+        if model.arch.activation == "gelu":
+            gelu_and_geglu(gate, up, act, gated, not model.exact)
+        else:
+            silu_and_swiglu(gate, up, act, gated)
         if hk:
-            if hk.wants("ffn_silu", li):   # fused with swiglu: recompute it from the hooked silu
-                hk("ffn_silu", li, silu)
+            if hk.wants(act_stage, li):   # fused with the product: recompute it from the hooked activation
+                hk(act_stage, li, act)
                 if not failpoints.active("hooks.no_unfuse"):
-                    np.multiply(silu, up, out=swigl)
-            hk("ffn_swigl", li, swigl)
+                    np.multiply(act, up, out=gated)
+            hk(gated_stage, li, gated)
         down = sink.buffer("ffn_out", li, (n, cfg.dim))
-        _mm(int8, swigl, g.down, (layer.w_down, down))
+        _mm(int8, gated, g.down, down)
         if hk:
             hk("ffn_out", li, down)
+        if layer.post_ffn_norm is not None:
+            down = _post_norm(sink, hk, "post_ffn_norm", li, down, layer.post_ffn_norm, cfg.eps)
         x_next = sink.buffer("post_ffn_residual", li, (n, cfg.dim))
         add(resid, down, x_next)
         if hk:
@@ -299,7 +322,8 @@ def forward(model: Model, session, tokens: np.ndarray, pos0: int, sink=None, all
         hk("final_norm", None, normed)
     rows = normed if all_logits else normed[n - 1:]
     logits = sink.buffer("lm_head", None, (rows.shape[0], cfg.vocab))
-    _mm(int8, rows, model.output_decode if n == 1 else model.output_prompt, (w.output, logits))
+    _mm(int8, rows, model.output, logits, prompt=n > 1)
+    softcap(logits, cfg.logit_softcap)
     if hk:
         hk("lm_head", None, logits, hk.positions[n - rows.shape[0]:])
         hk.check_fired()
@@ -315,5 +339,6 @@ def output_head(model: Model, session, x: np.ndarray) -> np.ndarray:
     normed = np.empty_like(x)
     rmsnorm(x, w.output_norm, cfg.eps, normed)
     logits = np.empty((x.shape[0], cfg.vocab), np.float32)
-    _mm(session.int8, normed, model.output_decode if x.shape[0] == 1 else model.output_prompt, (w.output, logits))
+    _mm(session.int8, normed, model.output, logits)
+    softcap(logits, cfg.logit_softcap)
     return logits

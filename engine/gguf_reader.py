@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import EngineError
-from kernels.quants import GGML_TYPES, type_name
+from kernels.ggml import FORMAT, block_shape, type_name
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -169,9 +169,9 @@ class GGUFFile:
         self.data_start = data_start
         for raw_name, n_dims, ne, gtype, offset in infos:
             name = _show(raw_name)
-            if gtype not in GGML_TYPES:
-                raise self._fail(f"tensor {name}: unsupported tensor type {type_name(gtype)}")
-            elems, bsize = GGML_TYPES[gtype]
+            if gtype not in FORMAT:   # sizes come from the format; what we compute with is checked later
+                raise self._fail(f"tensor {name}: unknown tensor type {type_name(gtype)}")
+            elems, bsize = block_shape(gtype)
             n = 1
             for d in ne:
                 if d <= 0:
@@ -192,7 +192,7 @@ class GGUFFile:
     def tensor_bytes(self, name: str) -> np.ndarray:
         """The raw bytes of a tensor as a read-only 2-D uint8 view [rows, row_bytes]."""
         info = self.tensors[name]
-        elems, bsize = GGML_TYPES[info.ggml_type]
+        elems, bsize = block_shape(info.ggml_type)
         row_bytes = info.ne[0] // elems * bsize
         rows = info.nbytes // row_bytes
         return self.mm[info.offset:info.offset + info.nbytes].reshape(rows, row_bytes)

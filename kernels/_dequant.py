@@ -7,16 +7,15 @@ For Q8_0 and Q4_1 the inner loop bound is taken from `dst.shape[0]` instead of
 a constant: with a constant LLVM fully unrolls those short loops into scalar
 code instead of vectorizing them (Q8_0: 2.1 vs 5.8 Gelem/s); the other types
 vectorize better with constant bounds.
-`dq_span` decodes a run of whole blocks of any supported type; the batched
-matmul and `dequantize_rows` are built on it.
+The registry (kernels/quants.py) ties each decoder to its type; `kernels._span.dq_span`
+decodes a run of whole blocks of any registered type.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from kernels.f16 import half
-from kernels.quants import F16, F32, Q4_1, Q4_K, Q5_0, Q6_K
 
 
 @njit(cache=True, inline="always")
@@ -123,41 +122,3 @@ def dq_q6_k(blk, dst, lut):
                 dst[e + 32 + l] = d1 * np.float32(q1)
                 dst[e + 64 + l] = d2 * np.float32(q2)
                 dst[e + 96 + l] = d3 * np.float32(q3)
-
-
-@njit(cache=True, inline="always")
-def _blocks(dq, row, bsize, elems, e0, e1, dst, lut):
-    """Decode the blocks covering elements [e0, e1) with block decoder dq."""
-    for b in range(e0 // elems, e1 // elems):
-        dq(row[b * bsize:(b + 1) * bsize], dst[b * elems - e0:(b + 1) * elems - e0], lut)
-
-
-@njit(cache=True)
-def dq_span(qtype, row, e0, e1, dst, lut):
-    """Decode elements [e0, e1) of a row (block-aligned) into dst[0:e1-e0]."""
-    if qtype == F32:
-        src = row[4 * e0:4 * e1].view(np.float32)
-        for i in range(e1 - e0):
-            dst[i] = src[i]
-    elif qtype == F16:
-        src = row[2 * e0:2 * e1].view(np.uint16)
-        for i in range(e1 - e0):
-            dst[i] = lut[src[i]]
-    elif qtype == Q4_K:
-        _blocks(dq_q4_k, row, 144, 256, e0, e1, dst, lut)
-    elif qtype == Q6_K:
-        _blocks(dq_q6_k, row, 210, 256, e0, e1, dst, lut)
-    elif qtype == Q4_1:
-        _blocks(dq_q4_1, row, 20, 32, e0, e1, dst, lut)
-    elif qtype == Q5_0:
-        _blocks(dq_q5_0, row, 22, 32, e0, e1, dst, lut)
-    else:                                 # Q8_0 (the caller has validated qtype)
-        _blocks(dq_q8_0, row, 34, 32, e0, e1, dst, lut)
-
-
-@njit(cache=True, parallel=True)
-def dequantize_rows(w, qtype, ids, out, lut):
-    """out[i, :] = dequantized row ids[i] of w (ids already range-checked)."""
-    cols = out.shape[1]
-    for i in prange(ids.shape[0]):
-        dq_span(qtype, w[ids[i]], 0, cols, out[i], lut)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels._dequant import dq_span
+from kernels._span import dq_span
 from kernels._matvec import FASTMATH
+from kernels.quants import F16, F32
 
 ROWS = 8
 SPAN = 512
@@ -82,3 +83,33 @@ def gemm(w, qtype, x, out, lut):
                     _accumulate(out, t, r0, res, 0, nr, e0 == 0)
                     if tb > t:
                         _accumulate(out, tb, r0, res, 1, nr, e0 == 0)
+
+
+MV_ROWS = 32   # rows per parallel work item of mv_float
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def mv_float(w, qtype, x, out, lut):
+    """out[r] = dot(dequant(w[r]), x) for one activation row, for the types with no fused matvec:
+    F32 and F16 read directly, any other type decoded exactly a span at a time (dq_span) into a
+    per-work-item scratch that stays in L1."""
+    rows, cols = w.shape[0], x.shape[0]
+    for item in prange((rows + MV_ROWS - 1) // MV_ROWS):
+        buf = np.empty(SPAN, np.float32)
+        for r in range(item * MV_ROWS, min(rows, (item + 1) * MV_ROWS)):
+            t = np.float32(0.0)
+            if qtype == F32:
+                v = w[r].view(np.float32)
+                for i in range(cols):
+                    t += v[i] * x[i]
+            elif qtype == F16:
+                u = w[r].view(np.uint16)
+                for i in range(cols):
+                    t += lut[u[i]] * x[i]
+            else:
+                for e0 in range(0, cols, SPAN):
+                    e1 = min(cols, e0 + SPAN)
+                    dq_span(qtype, w[r], e0, e1, buf, lut)
+                    for i in range(e1 - e0):
+                        t += buf[i] * x[e0 + i]
+            out[r] = t

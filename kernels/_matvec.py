@@ -16,7 +16,6 @@ from numba import njit, prange
 
 from kernels._dequant import i8, i32, q4k_scale_min, q5_high_bits, q5_pair, q6_quad
 from kernels.f16 import half
-from kernels.quants import F32
 
 FASTMATH = {"contract", "reassoc", "nsz"}   # no nnan/ninf: NaN and Inf propagate as in numpy
 CHUNK = 32                                  # rows per parallel work item
@@ -144,20 +143,3 @@ def mv_q8_0(w, x, out, lut):
                 for l in range(32):
                     acc[l] += (np.float32(i8(k0[2 + l])) * d0) * x0[l] + (np.float32(i8(k1[2 + l])) * d1) * x1[l]
             out[r] = _lane_sum(acc)
-
-
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
-def mv_float(w, qtype, x, out, lut):
-    """F32 or F16 rows (given as their bytes)."""
-    rows, cols = w.shape[0], x.shape[0]
-    for r in prange(rows):
-        t = np.float32(0.0)
-        if qtype == F32:
-            v = w[r].view(np.float32)
-            for i in range(cols):
-                t += v[i] * x[i]
-        else:
-            u = w[r].view(np.uint16)
-            for i in range(cols):
-                t += lut[u[i]] * x[i]
-        out[r] = t

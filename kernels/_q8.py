@@ -1,25 +1,23 @@
-"""Quantized matmuls against int8 activations (llama.cpp's Q8_K and Q8_0 paths).
+"""Activation rows quantized to int8 for the integer paths (llama.cpp's Q8_K and Q8_0).
 
 Each activation row is quantized once per matmul to int8 with one float32 scale per
 block: blocks of 256 for K-quant weights (`quantize_q8k`, the rounding of ggml's
-quantize_row_q8_K, plus the sums of every 16 values) and blocks of 32 for Q8_0,
-Q5_0 and Q4_1 weights (`quantize_q8_0`, the rounding of ggml's x86 quantize_row_q8_0,
+quantize_row_q8_K, plus the sums of every 16 values) and blocks of 32 for the
+32-element block types (`quantize_q8_0`, the rounding of ggml's x86 quantize_row_q8_0,
 scale stored as float16, plus each block's sum). Each weight block's dot product is
-then an exact integer (kernels/_simd.py) scaled by the blocks' float scales. The
+then an exact integer (kernels/_simd.py, kernels/_mm_int8.py) scaled by the blocks' float scales. The
 error against the float path is that of the int8 activations: at most half a step,
 max|x_block|/254, per element; the same approximation llama.cpp makes.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from kernels._simd import row_dot, row_dot4
 from kernels.f16 import round_f16
 
 QK = 256                                    # activations per int8 block for K-quant weights
-QK8_0 = 32                                  # ... and for Q8_0, Q5_0 and Q4_1 weights
-CHUNK = 16                                  # weight rows per parallel work item
+QK8_0 = 32                                  # ... and for the 32-element block types
 
 
 @njit(cache=True, inline="always")
@@ -81,41 +79,26 @@ def dequantize_q8(xq, xd, out):
             out[t, i] = np.float32(xq[t, i]) * xd[t, i // block]
 
 
-@njit(cache=True, inline="always")
-def _chunks(w):
-    return (w.shape[0] + CHUNK - 1) // CHUNK
+@njit(cache=True)
+def round_rows_f16(x, out):
+    """out = x rounded to float16 (ties to even) and back: the activations llama.cpp multiplies
+    F16 weights by (its vec_dot_type for F16 is F16)."""
+    for t in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            out[t, i] = round_f16(x[t, i])
 
 
-@njit(cache=True, inline="always")
-def _locate(ws, job):
-    """(matrix, chunk within it) of work item `job`, counting the matrices' chunks in order."""
-    i, first = 0, 0
-    while job >= first + _chunks(ws[i]):
-        first += _chunks(ws[i])
-        i += 1
-    return i, job - first
-
-
-# Work items are CHUNK weight rows of one of the matrices; inside one, activation rows go four at
-# a time so each weight block is unpacked once per four tokens while the chunk's rows stay in cache.
-# Several matrices that share an input (q/k/v, gate/up) run in one parallel launch.
-@njit(cache=True, parallel=True)
-def mm_q8(ws, qtypes, xq, xd, bs, outs):
-    """outs[i][t, r] = ws[i][r] . x[t] for each matrix i (a tuple of row arrays, their types and
-    outputs) and activations quantized for those types (quantize_q8k or quantize_q8_0)."""
-    n = xq.shape[0]
-    xs, ds, bst = xq.shape[1], xd.shape[1], bs.shape[1]
-    total = 0
-    for i in range(len(ws)):
-        total += _chunks(ws[i])
-    for job in prange(total):
-        i, c = _locate(ws, job)
-        w, qtype, out = ws[i], qtypes[i], outs[i]
-        r0, r1 = c * CHUNK, min(w.shape[0], c * CHUNK + CHUNK)
-        for t in range(0, n - 3, 4):
-            for r in range(r0, r1):
-                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = row_dot4(
-                    qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
-        for t in range(n - n % 4, n):
-            for r in range(r0, r1):
-                out[t, r] = row_dot(qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
+@njit(cache=True)
+def round_rows_bf16(x, out):
+    """out = x rounded to bfloat16 and back, as ggml's fp32 -> bf16 conversion: round to nearest,
+    ties to even, on the top 16 bits; a NaN keeps its top bits and is made quiet. The activations
+    llama.cpp multiplies BF16 weights by (its vec_dot_type for BF16 is BF16)."""
+    src = x.view(np.uint32)
+    dst = out.view(np.uint32)
+    for t in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            u = src[t, i]
+            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                dst[t, i] = ((u >> np.uint32(16)) | np.uint32(64)) << np.uint32(16)
+            else:
+                dst[t, i] = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)) << np.uint32(16)

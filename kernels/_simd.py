@@ -1,12 +1,17 @@
-"""Integer block dot products written as LLVM IR (Numba intrinsics).
+"""Integer block dot products written as LLVM IR, one builder per weight type.
 
 LLVM does not turn Numba loops into the byte multiply-adds llama.cpp's K-quant dot
 products are built on, and the nibble loops it does vectorize stay in 32-bit lanes
-(see PERF-NOTES.md). These intrinsics build one weight block's dot product against
-int8 activations from 256-bit vector operations, the way ggml does: `vpmaddubsw`
-multiplies unsigned weight codes by signed activations in pairs (16-bit sums), and a
+(see PERF-NOTES.md). Each `<type>_block` builder here emits one weight block's dot
+product against int8 activations from 256-bit vector operations, the way ggml does
+(kernels/_mm_int8.py loops them over a row): `vpmaddubsw` multiplies unsigned
+weight codes by signed activations in pairs (16-bit sums), and a
 multiply-add with the sub-block's scale (`vpdpwssd` with AVX512-VNNI, else `vpmaddwd`
 + add) folds the scale and the accumulation into one instruction.
+
+Signed weights (IQ4_NL, IQ4_XS: values from a 16-entry table, looked up with `vpshufb`)
+go through |w| times x with w's sign (`vpsignb`), as ggml's mul_sum_i8_pairs. With GFNI,
+bit fields (nibbles, 2-bit codes, high bits) are cut out with one `vgf2p8affineqb` each.
 
 Without AVX2 the same IR is emitted as widen, multiply and add, which LLVM maps to
 whatever the target has; Numba's cache is keyed on the CPU, so a cached AVX-512 build
@@ -21,13 +26,12 @@ import llvmlite.binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.core.extending import intrinsic
 
-from kernels.quants import Q4_1, Q4_K, Q5_0, Q6_K, Q8_0
 
 _FEATURES = llvm_binding.get_host_cpu_features()
 HAS_AVX2 = bool(_FEATURES.get("avx2", False))
 HAS_VNNI = bool(_FEATURES.get("avx512vnni", False) and _FEATURES.get("avx512vl", False))
+HAS_GFNI = bool(HAS_AVX2 and _FEATURES.get("gfni", False))
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V32I8, _V16I8, _V8I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16), ir.VectorType(_I8, 8)
@@ -130,6 +134,24 @@ def _q4k_scales_mins(builder, blk):
     return widen(sc_lo, sc_hi), widen(mn_lo, mn_hi)
 
 
+def _q4k_scales_mins_vec(builder, blk):
+    """_q4k_scales_mins in vector registers: the same bit moves on the three words as lanes of
+    one <4 x i32> (bytes 4..19; the fourth lane is unused). The scalar version needs more
+    general registers than a big kernel has, and its spills and moves cost more than this."""
+    v4 = ir.VectorType(_I32, 4)
+    c = lambda *vals: ir.Constant(v4, [ir.Constant(_I32, v) for v in vals])  # noqa: E731
+    words = _load(builder, blk, 4, v4)                         # u0, u1, u2, -
+    lo = builder.and_(words, c(*[0x3F3F3F3F] * 4))             # sc_lo, mn_lo
+    u22 = _shuffle(builder, words, [2, 2, 2, 2])
+    hi_low = builder.and_(builder.lshr(u22, c(0, 4, 0, 4)), c(*[0x0F0F0F0F] * 4))
+    hi_top = builder.shl(builder.and_(builder.lshr(words, c(*[6] * 4)), c(*[0x03030303] * 4)), c(*[4] * 4))
+    hi = builder.or_(hi_low, hi_top)                            # sc_hi, mn_hi
+    both = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 4), [ir.Constant(_I32, i) for i in (0, 4, 1, 5)]))
+    b16 = builder.bitcast(both, _V16I8)                         # 8 scale bytes, then 8 min bytes
+    return (builder.zext(_shuffle(builder, b16, range(8)), _V8I16),
+            builder.zext(_shuffle(builder, b16, range(8, 16)), _V8I16))
+
+
 _F32 = ir.FloatType()
 _V8F32 = ir.VectorType(_F32, 8)
 _FAST = ("reassoc", "contract", "nsz")
@@ -156,7 +178,7 @@ def _sums16(builder, bp):
     return builder.load(builder.bitcast(bp, _V16I16.as_pointer()), align=2)
 
 
-def _q4k_block(builder, blk, xps, bps, xds):
+def q4_k_block(builder, blk, xps, bps, xds):
     """One Q4_K block against each token's activations (byte pointer xps[t] to its 256 int8
     values, bps[t] to their 16-element sums, xds[t] its float scale): per token, the block's
     contribution as <8 x float> partial sums, d*xd*sum_s sc_s*dot(q_s, x_s) - dmin*xd*sum_s
@@ -184,8 +206,8 @@ def _q4k_block(builder, blk, xps, bps, xds):
     return parts
 
 
-def _q6k_block(builder, blk, xps, bps, xds):
-    """One Q6_K block per token (arguments as _q4k_block): d*xd*sum_i sc_i*dot(q_i - 32, x_i)
+def q6_k_block(builder, blk, xps, bps, xds):
+    """One Q6_K block per token (arguments as q4_k_block): d*xd*sum_i sc_i*dot(q_i - 32, x_i)
     as <8 x float> partial sums, from exact integer sums."""
     scales = builder.sext(_load(builder, blk, 192, _V16I8), _V16I16)
     low4, three, four = _splat(_V32I8, 15), _splat(_V32I8, 3), _splat(_V32I8, 4)
@@ -217,9 +239,21 @@ def _q6k_block(builder, blk, xps, bps, xds):
     return parts
 
 
+# GF(2) bit matrices for vgf2p8affineqb, one per 64-bit lane: output bit i of each byte is the
+# parity of (input byte & byte 7-i of the matrix). These two keep the low nibble / shift down the high one.
+_GF_LOW4, _GF_HIGH4 = 0x0102040800000000, 0x1020408000000000
+
+
 def _nibbles32(builder, blk, offset: int):
     """The 32 four-bit codes of a 16-byte ggml nibble array: low nibbles are elements 0..15,
-    high nibbles 16..31."""
+    high nibbles 16..31. With GFNI: the 16 bytes loaded into both halves, and one vgf2p8affineqb
+    whose bit matrix is "low nibble" in the low half and "high nibble" in the high half (for
+    the 32-element block types this is a tenth of the instructions of a block)."""
+    if HAS_GFNI:
+        qs = _shuffle(builder, _load(builder, blk, offset, _V16I8), list(range(16)) * 2)
+        matrix = ir.Constant(ir.VectorType(_I64, 4), [ir.Constant(_I64, m) for m in (_GF_LOW4,) * 2 + (_GF_HIGH4,) * 2])
+        return _intrinsic(builder, "llvm.x86.vgf2p8affineqb.256", _V32I8,
+                          [qs, builder.bitcast(matrix, _V32I8), ir.Constant(_I8, 0)])
     qs = _load(builder, blk, offset, _V16I8)
     lo = builder.and_(qs, _splat(_V16I8, 15))
     hi = builder.lshr(qs, _splat(_V16I8, 4))
@@ -238,7 +272,7 @@ def _sum32(builder, bp):
     return builder.sext(builder.load(builder.bitcast(bp, _I16.as_pointer()), align=2), _I32)
 
 
-def _q8_0_block(builder, blk, xps, bps, xds):
+def q8_0_block(builder, blk, xps, bps, xds):
     """One Q8_0 block (f16 d, 32 int8) against 32 int8 activations per token: d*xd*dot(w, x)
     as <8 x float>. The signed product goes through |w| * (x with w's sign), as in ggml."""
     w = _load(builder, blk, 2, _V32I8)
@@ -255,7 +289,7 @@ def _q8_0_block(builder, blk, xps, bps, xds):
     return parts
 
 
-def _q5_0_block(builder, blk, xps, bps, xds):
+def q5_0_block(builder, blk, xps, bps, xds):
     """One Q5_0 block (f16 d, 32 high bits, 16 nibble bytes; value = d*(q - 16)) per token:
     d*xd*(dot(q, x) - 16*sum(x)) as <8 x float>."""
     high = builder.bitcast(_load(builder, blk, 2, _I32), ir.VectorType(ir.IntType(1), 32))
@@ -270,7 +304,7 @@ def _q5_0_block(builder, blk, xps, bps, xds):
     return parts
 
 
-def _q4_1_block(builder, blk, xps, bps, xds):
+def q4_1_block(builder, blk, xps, bps, xds):
     """One Q4_1 block (f16 d, f16 m, 16 nibble bytes; value = d*q + m) per token:
     d*xd*dot(q, x) + m*xd*sum(x) as <8 x float>."""
     q = _nibbles32(builder, blk, 4)
@@ -284,85 +318,264 @@ def _q4_1_block(builder, blk, xps, bps, xds):
     return parts
 
 
-# weight type -> (bytes per block, activations per block, the block's IR)
-_BLOCKS = {Q4_K: (144, 256, _q4k_block), Q6_K: (210, 256, _q6k_block), Q8_0: (34, 32, _q8_0_block),
-           Q5_0: (22, 32, _q5_0_block), Q4_1: (20, 32, _q4_1_block)}
+def _psign(builder, x, w):
+    """x with w's sign, lane by lane (vpsignb): -x where w < 0, 0 where w == 0, else x."""
+    if HAS_AVX2 and x.type == _V32I8:
+        return _intrinsic(builder, "llvm.x86.avx2.psign.b", _V32I8, [x, w])
+    zero = ir.Constant(x.type, [ir.Constant(_I8, 0)] * x.type.count)
+    return builder.select(builder.icmp_signed("<", w, zero), builder.sub(zero, x),
+                          builder.select(builder.icmp_signed("==", w, zero), zero, x))
 
 
-def _row_loop(context, builder, arg_types, args, qtype: int, tokens: int):
-    """IR for W_row . x_t over a whole row of `qtype` blocks, for `tokens` activation rows; returns
-    one float per token. Arguments as in row_dot: block_fn turns each block into scaled 8-lane
-    float partial sums, which are added into one accumulator per token and reduced once per row."""
-    block_bytes, block_elems, block_fn = _BLOCKS[qtype]
-    sums_per_block = 16 if block_elems == 256 else 1
-    (trow, txq, txo, txs, txd, tdo, tds, tbs, tbo, tbst) = arg_types
-    row_ary = context.make_array(trow)(context, builder, args[0])
-    nblocks = builder.udiv(cgutils.unpack_tuple(builder, row_ary.shape, 1)[0],
-                           ir.Constant(row_ary.shape.type.element, block_bytes))
-    intp = lambda v, t: context.cast(builder, v, t, types.intp)  # noqa: E731
-    xstride, dstride, bstride = intp(args[3], txs), intp(args[6], tds), intp(args[9], tbst)
-    x0 = _ptr(context, builder, txq, args[1], txo, args[2])
-    d0 = _ptr(context, builder, txd, args[4], tdo, args[5])
-    b0 = _ptr(context, builder, tbs, args[7], tbo, args[8])
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8)) for _ in range(tokens)]
-    with cgutils.for_range(builder, nblocks) as loop:
-        b = loop.index
-
-        def at(base, step, stride, t):   # element b*step + t*stride of an activation array
-            return builder.gep(base, [builder.add(builder.mul(b, ir.Constant(b.type, step)),
-                                                  builder.mul(stride, ir.Constant(_I64, t)))])
-        blk = builder.gep(row_ary.data, [builder.mul(b, ir.Constant(b.type, block_bytes))])
-        if tokens == 1:
-            for k in range(0, block_bytes, 64):
-                _prefetch(builder, blk, PREFETCH_AHEAD + k)
-        parts = block_fn(builder, blk, [at(x0, block_elems, xstride, t) for t in range(tokens)],
-                         [at(b0, sums_per_block, bstride, t) for t in range(tokens)],
-                         [builder.load(at(d0, 1, dstride, t)) for t in range(tokens)])
-        for acc, part in zip(accs, parts):
-            builder.store(builder.fadd(builder.load(acc), part, flags=_FAST), acc)
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V8F32]),
-                                        "llvm.vector.reduce.fadd.v8f32")
-    return [builder.call(fn, [ir.Constant(_F32, 0.0), builder.load(a)], fastmath=_FAST) for a in accs]
+def _lut16(builder, table, idx):
+    """<32 x i8>: lane i = table[idx[i]] for 16 int8 table entries and indices 0..15 (vpshufb with
+    the table in both 128-bit halves; without AVX2 a select per entry)."""
+    if HAS_AVX2:
+        return _intrinsic(builder, "llvm.x86.avx2.pshuf.b", _V32I8,
+                          [ir.Constant(_V32I8, [ir.Constant(_I8, v) for v in list(table) * 2]), idx])
+    out = ir.Constant(_V32I8, [ir.Constant(_I8, 0)] * 32)
+    for k, v in enumerate(table):
+        out = builder.select(builder.icmp_unsigned("==", idx, _splat(_V32I8, k)), _splat(_V32I8, v), out)
+    return out
 
 
-def _row_dot_codegen(tokens: int):
-    """A switch on the weight type (a runtime value) to one _row_loop per supported type; an
-    unsupported type gives NaN (callers pass only int8_ready types)."""
-    def codegen(context, builder, signature, args):
-        qtype = context.cast(builder, args[0], signature.args[0], types.int64)
-        results = [cgutils.alloca_once(builder, _F32) for _ in range(tokens)]
-        merge = builder.append_basic_block("row_dot.end")
-        unknown = builder.append_basic_block("row_dot.unknown")
-        switch = builder.switch(qtype, unknown)
-        for qt in _BLOCKS:
-            case = builder.append_basic_block(f"row_dot.type{qt}")
-            switch.add_case(ir.Constant(qtype.type, qt), case)
-            with builder.goto_block(case):
-                for res, value in zip(results, _row_loop(context, builder, signature.args[1:], args[1:], qt, tokens)):
-                    builder.store(value, res)
-                builder.branch(merge)
-        with builder.goto_block(unknown):
-            for res in results:
-                builder.store(ir.Constant(_F32, float("nan")), res)
-            builder.branch(merge)
-        builder.position_at_end(merge)
-        sums = [builder.load(r) for r in results]
-        return sums[0] if tokens == 1 else context.make_tuple(builder, signature.return_type, sums)
-    return codegen
+def _gf_bits(builder, vec, moves):
+    """<32 x i8>: in every byte, bit dst = bit src of vec's byte for each (src, dst) of moves, the
+    other bits clear. With GFNI one vgf2p8affineqb (LLVM emits a shift and a mask); else
+    shifts, masks and ors."""
+    if HAS_GFNI:
+        rows = [0] * 8                         # byte 7-i of the matrix selects output bit i
+        for src, dst in moves:
+            rows[7 - dst] |= 1 << src
+        matrix = sum(r << (8 * k) for k, r in enumerate(rows))
+        return _intrinsic(builder, "llvm.x86.vgf2p8affineqb.256", _V32I8,
+                          [vec, builder.bitcast(ir.Constant(ir.VectorType(_I64, 4), [ir.Constant(_I64, matrix)] * 4), _V32I8),
+                           ir.Constant(_I8, 0)])
+    out = None
+    for src, dst in moves:
+        bit = _bit_to(builder, vec, src, dst)
+        out = bit if out is None else builder.or_(out, bit)
+    return out
 
 
-def _row_dot_intrinsic(tokens: int, doc: str):
-    def typer(typingctx, qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride):
-        ret = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
-        return ret(qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride), _row_dot_codegen(tokens)
-    typer.__doc__ = doc
-    typer.__name__ = typer.__qualname__ = f"row_dot_{tokens}"
-    return intrinsic(typer)
+def _bit_to(builder, vec, src: int, dst: int):
+    """Bit `src` of every byte of vec moved to bit `dst`, all other bits clear."""
+    if HAS_GFNI and src != dst:
+        return _gf_bits(builder, vec, [(src, dst)])
+    if src > dst:
+        vec = builder.lshr(vec, _splat(vec.type, src - dst))
+    elif src < dst:
+        vec = builder.shl(vec, _splat(vec.type, dst - src))
+    return builder.and_(vec, _splat(vec.type, 1 << dst))
 
 
-_ARGS = """Arguments (qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride): the weight row's
-    GGML type and bytes; activation row t starts at xq[xo + t*xstride], its per-block scales at
-    xd[do + t*dstride] and its sums (one per 16 values for 256-element blocks, one per block for
-    32-element blocks) at bs[bo + t*bstride]."""
-row_dot = _row_dot_intrinsic(1, "W_row . x for one activation row (a float).\n\n    " + _ARGS)
-row_dot4 = _row_dot_intrinsic(4, "W_row . x_t for four activation rows t (a 4-tuple).\n\n    " + _ARGS)
+def _scalar_f16(builder, blk, offset: int):
+    return builder.extract_element(_f16_at(builder, blk, offset, 1), ir.Constant(_I32, 0))
+
+
+def _opaque(builder, vec):
+    """vec unchanged, through an empty inline asm that LLVM cannot see into (no instruction is
+    emitted). The scale splats of q2_k_block and q3_k_block shuffle 16-bit scales widened from
+    bytes; LLVM would narrow each such shuffle to a byte shuffle plus its own widening (two
+    port-5 instructions per splat instead of one vpermw). q5_1_block uses it to keep its result
+    out of the caller's accumulator chain."""
+    if not HAS_AVX2:
+        return vec
+    return builder.asm(ir.FunctionType(vec.type, [vec.type]), "", "=v,0", [vec], side_effect=False)
+
+
+def _pair_splats(builder, scales16, group: int):
+    """<16 x i16> of scales16[2*group] (lanes 0..7) and scales16[2*group + 1] (lanes 8..15): the
+    scales of the two 16-element sub-blocks of a 32-activation vpmaddubsw result."""
+    return _shuffle(builder, scales16, [2 * group] * 8 + [2 * group + 1] * 8)
+
+
+# ggml's kvalues_iq4nl (kernels/_dequant_ext.IQ4NL_VALUES), and their absolute values
+_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_IQ4NL_ABS = tuple(abs(v) for v in _IQ4NL)
+
+
+def q4_0_block(builder, blk, xps, bps, xds):
+    """One Q4_0 block (f16 d, 16 nibble bytes; value = d*(q - 8)) per token:
+    d*xd*(dot(q, x) - 8*sum(x)) as <8 x float>, q unsigned (ggml signs q - 8 instead: the same
+    integer)."""
+    q = _nibbles32(builder, blk, 2)
+    d = _scalar_f16(builder, blk, 0)
+    parts = []
+    for xp, bp, xd in zip(xps, bps, xds):
+        dot = _dot_u8s8(builder, q, _load(builder, xp, 0, _V32I8))
+        offset = builder.shl(_sum32(builder, bp), ir.Constant(_I32, 3))
+        parts.append(_scaled(builder, builder.sub(dot, _lane0(builder, _V8I32, offset)), d, xd))
+    return parts
+
+
+def q5_1_block(builder, blk, xps, bps, xds):
+    """One Q5_1 block (f16 d, f16 m, 32 high bits, 16 nibble bytes; value = d*q + m, q in 0..31)
+    per token: d*xd*dot(q, x) + m*xd*sum(x) as <8 x float> (ggml's Q8_1 activations have the
+    same int8 values as our Q8_0 layout; its s term is our xd*sum(x)). sum(x) is taken as
+    dot(1, x), a second vpdpbusd in 8 lanes: cheaper than converting the scalar block sum and
+    blending it into one lane."""
+    high = builder.bitcast(_load(builder, blk, 4, _I32), ir.VectorType(ir.IntType(1), 32))
+    q = builder.or_(_nibbles32(builder, blk, 8),
+                    builder.shl(builder.zext(high, _V32I8), _splat(_V32I8, 4)))
+    ones = _splat(_V32I8, 1)
+    dm = _f16_at(builder, blk, 0, 2)
+    v2f32 = dm.type
+    parts = []
+    for xp, xd in zip(xps, xds):
+        x = _load(builder, xp, 0, _V32I8)
+        dot = builder.sitofp(_dot_u8s8(builder, q, x), _V8F32)
+        total = builder.sitofp(_dot_u8s8(builder, ones, x), _V8F32)
+        xd2 = _shuffle(builder, builder.insert_element(ir.Constant(v2f32, None), xd, ir.Constant(_I32, 0)), [0, 0])
+        dmx = builder.fmul(dm, xd2, flags=_FAST)          # d*xd, m*xd
+        part = builder.fadd(builder.fmul(dot, _shuffle(builder, dmx, [0] * 8), flags=_FAST),
+                            builder.fmul(total, _shuffle(builder, dmx, [1] * 8), flags=_FAST), flags=_FAST)
+        # opaque: else LLVM folds both products into the caller's accumulator as two chained FMAs,
+        # whose latency (8 cycles per 24-byte block) then bounds the loop; this way it is one add
+        parts.append(_opaque(builder, part))
+    return parts
+
+
+def iq4_nl_block(builder, blk, xps, bps, xds):
+    """One IQ4_NL block (f16 d, 16 nibble bytes indexing kvalues_iq4nl) per token:
+    d*xd*dot(kv[q], x) as <8 x float>. The table lookup is vpshufb; the signed product goes
+    through |kv[q]| * (x with kv[q]'s sign), as ggml's mul_sum_i8_pairs."""
+    q = _nibbles32(builder, blk, 2)
+    w, w_abs = _lut16(builder, _IQ4NL, q), _lut16(builder, _IQ4NL_ABS, q)
+    d = _scalar_f16(builder, blk, 0)
+    return [_scaled(builder, _dot_u8s8(builder, w_abs, _psign(builder, _load(builder, xp, 0, _V32I8), w)), d, xd)
+            for xp, xd in zip(xps, xds)]
+
+
+def q5_k_block(builder, blk, xps, bps, xds):
+    """One Q5_K block (f16 d, f16 dmin, Q4_K's 12 scale bytes, qh[32], qs[128]) per token, as
+    q4_k_block with q = nibble + 16 * bit s of qh for sub-block s: d*xd*sum_s sc_s*dot(q_s, x_s)
+    - dmin*xd*sum_s min_s*sum(x_s) as <8 x float>, from exact integer sums."""
+    scales, mins = _q4k_scales_mins_vec(builder, blk)
+    mins_paired = _shuffle(builder, mins, [i // 2 for i in range(16)])
+    low4, four = _splat(_V32I8, 15), _splat(_V32I8, 4)
+    qh = _load(builder, blk, 16, _V32I8)
+    quads, splats = [], []
+    for j in range(4):
+        q = _load(builder, blk, 48 + 32 * j, _V32I8)
+        quads += [builder.or_(builder.and_(q, low4), _bit_to(builder, qh, 2 * j, 4)),
+                  builder.or_(builder.lshr(q, four), _bit_to(builder, qh, 2 * j + 1, 4))]
+        splats += [_shuffle(builder, scales, [2 * j] * 16), _shuffle(builder, scales, [2 * j + 1] * 16)]
+    dm = _f16_at(builder, blk, 0, 2)
+    d, dmin = (builder.extract_element(dm, ir.Constant(_I32, i)) for i in (0, 1))
+    parts = []
+    for xp, bp, xd in zip(xps, bps, xds):
+        acc = None
+        for s in range(8):
+            acc = _madd(builder, acc, _maddubs(builder, quads[s], _load(builder, xp, 32 * s, _V32I8)), splats[s])
+        mins_part = _madd(builder, None, _sums16(builder, bp), mins_paired)
+        parts.append(builder.fsub(_scaled(builder, acc, d, xd), _scaled(builder, mins_part, dmin, xd), flags=_FAST))
+    return parts
+
+
+def _q3k_scales(builder, blk):
+    """The 16 signed 6-bit scales of a Q3_K block (bytes 96..107) as <16 x i16>: ggml's bit
+    moves on the three little-endian words a0, a1, hi, as lanes of one <4 x i32> (lane k holds
+    scales 4k..4k+3: low nibbles of a0, a1, then their high nibbles; two high bits from hi,
+    shifted by 2k), minus 32. In vector registers: the scalar version's general registers
+    spill in the big kernel. The 16 bytes are read from 94 (110-byte blocks: not past the end)."""
+    v4 = ir.VectorType(_I32, 4)
+    c = lambda *vals: ir.Constant(v4, [ir.Constant(_I32, v) for v in vals])  # noqa: E731
+    raw = _load(builder, blk, 94, _V16I8)                      # bytes 94..109: a0 at 2, a1 at 6, hi at 10
+    a = builder.bitcast(_shuffle(builder, raw, [2, 3, 4, 5, 6, 7, 8, 9] * 2), v4)     # a0, a1, a0, a1
+    hi = builder.bitcast(_shuffle(builder, raw, [10, 11, 12, 13] * 4), v4)
+    low = builder.and_(builder.lshr(a, c(0, 0, 4, 4)), c(*[0x0F0F0F0F] * 4))
+    high = builder.shl(builder.and_(builder.lshr(hi, c(0, 2, 4, 6)), c(*[0x03030303] * 4)), c(*[4] * 4))
+    return builder.sext(builder.sub(builder.bitcast(builder.or_(low, high), _V16I8), _splat(_V16I8, 32)), _V16I16)
+
+
+def q3_k_block(builder, blk, xps, bps, xds):
+    """One Q3_K block (hmask[32], qs[64], 12 scale bytes, f16 d) per token: d*xd*sum_i
+    sc_i*dot(q_i, x_i) as <8 x float>, q = 2 low bits - 4 unless the hmask bit is set, from
+    exact integer sums. ggml subtracts the 4 per element (a second vpmaddubsw); here the stored
+    u = q + 4 (0..7) is multiplied and 4 * sum_i sc_i * sum(x_i) subtracted, from the Q8_K
+    16-element sums (as q6_k_block does with its 32)."""
+    scales = _opaque(builder, _q3k_scales(builder, blk))
+    hm = _load(builder, blk, 0, _V32I8)
+    three = _splat(_V32I8, 3)
+    quads, splats = [], []
+    for h in range(2):
+        ql = _load(builder, blk, 32 + 32 * h, _V32I8)
+        for s in range(4):   # activations 128h + 32s .. +31: sub-blocks 8h + 2s, 8h + 2s + 1
+            g = 4 * h + s
+            low = _gf_bits(builder, ql, [(2 * s, 0), (2 * s + 1, 1)]) if s else builder.and_(ql, three)
+            quads.append(builder.or_(low, _bit_to(builder, hm, g, 2)))
+            splats.append(_pair_splats(builder, scales, g))
+    d = _scalar_f16(builder, blk, 108)
+    parts = []
+    for xp, bp, xd in zip(xps, bps, xds):
+        acc = None
+        for g in range(8):
+            acc = _madd(builder, acc, _maddubs(builder, quads[g], _load(builder, xp, 32 * g, _V32I8)), splats[g])
+        off = _madd(builder, None, _sums16(builder, bp), scales)
+        parts.append(_scaled(builder, builder.sub(acc, builder.shl(off, _splat(_V8I32, 2))), d, xd))
+    return parts
+
+
+def q2_k_block(builder, blk, xps, bps, xds):
+    """One Q2_K block (16 scale bytes: low nibble scale, high nibble min; qs[64]; f16 d, dmin)
+    per token: d*xd*sum_i sc_i*dot(q_i, x_i) - dmin*xd*sum_i min_i*sum(x_i) as <8 x float>,
+    q the 2-bit codes of 16-element sub-block i, the mins from the Q8_K 16-element sums (as
+    ggml), all from exact integer sums."""
+    sb = _load(builder, blk, 0, _V16I8)
+    scales = _opaque(builder, builder.zext(builder.and_(sb, _splat(_V16I8, 15)), _V16I16))
+    mins = builder.zext(builder.lshr(sb, _splat(_V16I8, 4)), _V16I16)
+    three = _splat(_V32I8, 3)
+    quads, splats = [], []
+    for h in range(2):
+        q = _load(builder, blk, 16 + 32 * h, _V32I8)
+        for s in range(4):   # activations 128h + 32s .. +31: sub-blocks 8h + 2s, 8h + 2s + 1
+            quads.append(_gf_bits(builder, q, [(2 * s, 0), (2 * s + 1, 1)]) if s else builder.and_(q, three))
+            splats.append(_pair_splats(builder, scales, 4 * h + s))
+    dm = _f16_at(builder, blk, 80, 2)
+    d, dmin = (builder.extract_element(dm, ir.Constant(_I32, i)) for i in (0, 1))
+    parts = []
+    for xp, bp, xd in zip(xps, bps, xds):
+        acc = None
+        for g in range(8):
+            acc = _madd(builder, acc, _maddubs(builder, quads[g], _load(builder, xp, 32 * g, _V32I8)), splats[g])
+        mins_part = _madd(builder, None, _sums16(builder, bp), mins)
+        parts.append(builder.fsub(_scaled(builder, acc, d, xd), _scaled(builder, mins_part, dmin, xd), flags=_FAST))
+    return parts
+
+
+def _iq4xs_scales(builder, blk):
+    """The 8 scales of an IQ4_XS block as <8 x i16>: (4 low bits from scales_l, nibble ib % 2 of
+    byte ib // 2, at 4..7) | (2 high bits 2*ib of the uint16 scales_h at 2) << 4, minus 32."""
+    v8i16 = _V8I16
+    lo = _shuffle(builder, _load(builder, blk, 4, ir.VectorType(_I8, 4)), [i // 2 for i in range(8)])
+    lo = builder.and_(builder.lshr(builder.zext(lo, v8i16), ir.Constant(v8i16, [ir.Constant(_I16, 4 * (i % 2)) for i in range(8)])),
+                      _splat(v8i16, 15))
+    sh = builder.insert_element(ir.Constant(v8i16, None), _load(builder, blk, 2, _I16), ir.Constant(_I32, 0))
+    sh = _shuffle(builder, sh, [0] * 8)
+    hi = builder.and_(builder.lshr(sh, ir.Constant(v8i16, [ir.Constant(_I16, 2 * i) for i in range(8)])), _splat(v8i16, 3))
+    return builder.sub(builder.or_(lo, builder.shl(hi, _splat(v8i16, 4))), _splat(v8i16, 32))
+
+
+def iq4_xs_block(builder, blk, xps, bps, xds):
+    """One IQ4_XS block (f16 d, scales_h, scales_l[4], qs[128]: 8 sub-blocks of 32 nibbles
+    indexing kvalues_iq4nl) per token: d*xd*sum_ib ls_ib*dot(kv[q_ib], x_ib) as <8 x float>,
+    ls_ib the signed 6-bit scale, from exact integer sums. As in ggml: vpshufb looks up the
+    values, vpmaddubsw multiplies |kv| by x with kv's sign (pairs of at most 2*127*127, no
+    saturation) and a multiply-add with the scale (vpdpwssd) accumulates."""
+    scales = _iq4xs_scales(builder, blk)
+    signed, absolute, splats = [], [], []
+    for ib in range(8):
+        q = _nibbles32(builder, blk, 8 + 16 * ib)
+        signed.append(_lut16(builder, _IQ4NL, q))
+        absolute.append(_lut16(builder, _IQ4NL_ABS, q))
+        splats.append(_shuffle(builder, scales, [ib] * 16))
+    d = _scalar_f16(builder, blk, 0)
+    parts = []
+    for xp, xd in zip(xps, xds):
+        acc = None
+        for ib in range(8):
+            x = _psign(builder, _load(builder, xp, 32 * ib, _V32I8), signed[ib])
+            acc = _madd(builder, acc, _maddubs(builder, absolute[ib], x), splats[ib])
+        parts.append(_scaled(builder, acc, d, xd))
+    return parts

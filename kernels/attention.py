@@ -25,17 +25,26 @@ def store_kv(k, v, k_cache, v_cache, pos0, n_kv_heads, head_dim, f16=False):
                 v_cache[h, pos0 + t, i] = vv
 
 
+@njit(cache=True, inline="always")
+def _first_key(keys, window):
+    """The first key position a query with `keys` causal keys (0..keys-1) attends to."""
+    return max(0, keys - window) if window > 0 else 0
+
+
 # Every loop below vectorizes across positions (q.k) or across head_dim (p.v) while each
 # sum still runs in sequential order, so "contract" (fused multiply-add) is the only
 # fast-math licence needed and results match a plain float32 loop to rounding.
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
-              scores, probs, out, f64_scores=False):
+              scores, probs, out, f64_scores=False, window=0):
     """Softmax(q K^T * scale) V for queries at positions pos0..pos0+n-1.
 
     q: [n, n_heads*head_dim]; caches as written by store_kv, already holding
-    positions 0..pos0+n-1. scores/probs: [n_heads, n, pos0+n], masked (future)
-    entries written as 0. out: [n, n_heads*head_dim].
+    positions 0..pos0+n-1. scores/probs: [n_heads, n, pos0+n], masked (future, or
+    outside the window) entries written as 0. out: [n, n_heads*head_dim].
+
+    window > 0: the query at position p sees keys p-window+1..p only (a sliding-window
+    layer; llama.cpp's LLAMA_SWA_TYPE_STANDARD masks keys with p - key >= window).
 
     f64_scores: sum each q.k in float64, then round the scaled score to float32. Scores can
     be large and close together (the Qwen 1.5B's layer 0: ~11,800 +- 50 across a row), where
@@ -51,24 +60,29 @@ def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
     for job in prange(n_kv_heads * n):
         kvh = job // n
         t = job % n
-        keys = pos0 + t + 1  # causal: positions 0..pos0+t
-        k_t, values = k_cache[kvh], v_cache[kvh]
+        first = _first_key(pos0 + t + 1, window)   # causal: keys first..pos0+t
+        keys = pos0 + t + 1 - first                 # how many; below, key j is position first + j
+        k_t, values = k_cache[kvh], v_cache[kvh][first:]   # slices of rows stay contiguous
+        end = first + keys
         for h in range(kvh * group, kvh * group + group):
             qh = q[t, h * head_dim:(h + 1) * head_dim]
             srow, prow = scores[h, t], probs[h, t]
+            srow[:first] = 0.0
+            prow[:first] = 0.0
+            srow, prow = srow[first:], prow[first:]
             s = srow[:keys]
             if f64_scores:
                 for j in range(keys):
                     acc64 = 0.0
                     for i in range(head_dim):
-                        acc64 += np.float64(qh[i]) * np.float64(k_t[i, j])
+                        acc64 += np.float64(qh[i]) * np.float64(k_t[i, first + j])
                     s[j] = np.float32(acc64 * scale)
             else:
                 s[:] = 0.0
                 rows4 = head_dim - head_dim % 4
                 for i in range(0, rows4, 4):   # four key dims per pass over s, still summed in order
                     q0, q1, q2, q3 = qh[i], qh[i + 1], qh[i + 2], qh[i + 3]
-                    k0, k1, k2, k3 = k_t[i, :keys], k_t[i + 1, :keys], k_t[i + 2, :keys], k_t[i + 3, :keys]
+                    k0, k1, k2, k3 = k_t[i, first:end], k_t[i + 1, first:end], k_t[i + 2, first:end], k_t[i + 3, first:end]
                     for j in range(keys):
                         acc = s[j]
                         acc += q0 * k0[j]
@@ -78,7 +92,7 @@ def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
                         s[j] = acc
                 for i in range(rows4, head_dim):
                     qi = qh[i]
-                    kr = k_t[i, :keys]
+                    kr = k_t[i, first:end]
                     for j in range(keys):
                         s[j] += qi * kr[j]
                 for j in range(keys):
@@ -108,30 +122,32 @@ def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
 # hooked (engine.forward runs them only then): a hook may change the scores or the
 # probabilities, and what follows must be computed from the changed values.
 @njit(cache=True, parallel=True, fastmath={"contract"})   # as `attention`: the same roundings
-def softmax_causal(scores, pos0, probs):
-    """probs[h, t, :] = softmax of scores[h, t, :pos0+t+1] (later keys 0), as `attention` does."""
+def softmax_causal(scores, pos0, probs, window=0):
+    """probs[h, t, :] = softmax of scores[h, t, first:pos0+t+1] (other keys 0), as `attention` does."""
     n_heads, n = scores.shape[0], scores.shape[1]
     for job in prange(n_heads * n):
         h = job // n
         t = job % n
         keys = pos0 + t + 1
+        first = _first_key(keys, window)
         mx = np.float32(-np.inf)
-        for j in range(keys):
+        for j in range(first, keys):
             mx = max(mx, scores[h, t, j])
         total = np.float32(0.0)
-        for j in range(keys):
+        for j in range(first, keys):
             e = expf(scores[h, t, j] - mx)
             probs[h, t, j] = e
             total += e
         inv = np.float32(1.0) / total
-        for j in range(keys):
+        for j in range(first, keys):
             probs[h, t, j] *= inv
+        probs[h, t, :first] = 0.0
         probs[h, t, keys:] = 0.0
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def attend(probs, v_cache, pos0, n_heads, n_kv_heads, head_dim, out):
-    """out[t, head h] = sum_j probs[h, t, j] * V[j] over keys j <= pos0+t, as `attention` does."""
+def attend(probs, v_cache, pos0, n_heads, n_kv_heads, head_dim, out, window=0):
+    """out[t, head h] = sum_j probs[h, t, j] * V[j] over the keys `attention` sees, as it does."""
     n = probs.shape[1]
     group = n_heads // n_kv_heads
     for job in prange(n_heads * n):
@@ -140,7 +156,7 @@ def attend(probs, v_cache, pos0, n_heads, n_kv_heads, head_dim, out):
         values = v_cache[h // group]
         oh = out[t, h * head_dim:(h + 1) * head_dim]
         oh[:] = 0.0
-        for j in range(pos0 + t + 1):
+        for j in range(_first_key(pos0 + t + 1, window), pos0 + t + 1):
             p = probs[h, t, j]
             vr = values[j]
             for i in range(head_dim):

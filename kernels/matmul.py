@@ -10,34 +10,34 @@ dot products accumulate in float32 in a blocked order, so
 |out - x @ W.T| <= 1e-4 * (|x| @ |W|.T) for rows up to ~25000 columns (the
 derivation is in tests/test_quant_kernels.py).
 
-`matmul_int8` is the fast path for Q4_K, Q6_K, Q8_0, Q5_0 and Q4_1 weights: the
-activations are first quantized to int8 (`Int8Activations`, ggml's Q8_K layout for
-K-quants, Q8_0 for the others) and every block dot product is an exact integer
-(kernels/_q8.py); the only error is the int8 rounding of the activations, the
-approximation llama.cpp makes.
+`matmul_int8` is the fast path for the types with an integer path in the registry
+(kernels/quants.py): the activations are first quantized to int8 (`Int8Activations`,
+ggml's Q8_K layout for K-quants, Q8_0 for the others) and every block dot product is an
+exact integer (kernels/_mm_int8.py); the only error is the int8 rounding of the
+activations, the approximation llama.cpp makes.
+
+`MatmulGroup` + `matmul_group` is what the forward calls: the matrices that read one
+input, with the choice of kernel per matrix and per prompt or decode made here, from
+the registry, so the forward only names its stages.
 
 Numba's cache keys each kernel on its own source file only: after editing
-kernels/_dequant.py, kernels/f16.py, kernels/_simd.py or kernels/_expf.py, delete
-kernels/__pycache__/*.nb[ic] or the kernels that inline them keep running the old code.
+kernels/_dequant.py, kernels/f16.py, kernels/_simd.py, kernels/_expf.py or the registry,
+delete kernels/__pycache__/*.nb[ic] or the kernels that inline them keep running the old code.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from kernels._dequant import dequantize_rows
-from kernels._gemm import gemm
-from kernels._q8 import QK, QK8_0, dequantize_q8, mm_q8, quantize_q8_0, quantize_q8k
-from kernels._matvec import mv_float, mv_q4_1, mv_q4_k, mv_q5_0, mv_q6_k, mv_q8_0
+from kernels._gemm import gemm, mv_float
+from kernels._mm_int8 import mm_q8
+from kernels._q8 import dequantize_q8
+from kernels._span import dequantize_rows
 from kernels.f16 import F16_TO_F32
-from kernels.quants import F16, F32, GGML_TYPES, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, type_name
+from kernels.quants import F16, F32, LAYOUTS, SUPPORTED, TYPES, block_shape, type_name
 
-SUPPORTED = (F32, F16, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)
-_MATVEC = {Q4_K: mv_q4_k, Q6_K: mv_q6_k, Q4_1: mv_q4_1, Q5_0: mv_q5_0, Q8_0: mv_q8_0}
 _FLOAT_DTYPES = {F32: np.float32, F16: np.float16}
-# weight type -> the activation block it is multiplied against (ggml's vec_dot_type)
+# the layouts' names, as callers pass them to Int8Activations.quantize
 Q8K, Q8_0_ACT = "q8k", "q8_0"
-_INT8_KIND = {Q4_K: Q8K, Q6_K: Q8K, Q8_0: Q8_0_ACT, Q5_0: Q8_0_ACT, Q4_1: Q8_0_ACT}
-_KIND_BLOCK = {Q8K: QK, Q8_0_ACT: QK8_0}
 
 
 def _weight_bytes(w, qtype: int) -> tuple[np.ndarray, int]:
@@ -54,7 +54,7 @@ def _weight_bytes(w, qtype: int) -> tuple[np.ndarray, int]:
         w = w.view(np.uint8)
     elif w.dtype != np.uint8:
         raise ValueError(f"{type_name(qtype)} weights must be uint8 bytes, got {w.dtype}")
-    elems, bsize = GGML_TYPES[qtype]
+    elems, bsize = block_shape(qtype)
     if w.shape[1] % bsize:
         raise ValueError(f"{type_name(qtype)} row of {w.shape[1]} bytes is not a whole number of "
                          f"{bsize}-byte blocks")
@@ -86,8 +86,9 @@ def matmul(w, qtype: int, x: np.ndarray, out: np.ndarray) -> None:
         raise ValueError(f"x has {x.shape[1]} columns but the {type_name(qtype)} weights have {cols}")
     x = np.ascontiguousarray(x)
     out = _float_out(out, (x.shape[0], w.shape[0]))
-    if x.shape[0] == 1 and qtype in _MATVEC:
-        _MATVEC[qtype](w, x[0], out[0], F16_TO_F32)
+    matvec = TYPES[qtype].matvec
+    if x.shape[0] == 1 and matvec is not None:
+        matvec(w, x[0], out[0], F16_TO_F32)
     elif x.shape[0] == 1:
         mv_float(w, qtype, x[0], out[0], F16_TO_F32)
     elif x.shape[0] > 1:
@@ -96,15 +97,16 @@ def matmul(w, qtype: int, x: np.ndarray, out: np.ndarray) -> None:
 
 def _int8_widths(kind: str, cols: int) -> tuple[int, int]:
     """(scales, sums) per activation row of `cols` values quantized in layout `kind`."""
-    block = _KIND_BLOCK[kind]
-    return cols // block, cols // 16 if kind == Q8K else cols // block
+    layout = LAYOUTS[kind]
+    return cols // layout.block, cols // layout.sum_block
 
 
 def int8_kind(qtype: int, cols: int) -> str | None:
     """The int8 activation layout `matmul_int8` needs for these weights ("q8k": blocks of 256,
     "q8_0": blocks of 32), or None if there is no int8 path for them."""
-    kind = _INT8_KIND.get(qtype)
-    return kind if kind is not None and cols % _KIND_BLOCK[kind] == 0 else None
+    row = TYPES.get(qtype)
+    layout = row.int8 if row is not None and row.int8_block is not None else None
+    return layout.name if layout is not None and cols % layout.block == 0 else None
 
 
 def int8_ready(qtype: int, cols: int) -> bool:
@@ -127,10 +129,10 @@ class Int8Activations:
         """(xq int8 [n, cols], scales float32 [n, cols/block], sums int16 [n, cols/sum]) of x [n, cols]."""
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2):
             raise ValueError("x must be a float32 array [n, cols]")
-        if kind not in _KIND_BLOCK:
-            raise ValueError(f"unknown int8 activation layout {kind!r} (known: {', '.join(_KIND_BLOCK)})")
+        if kind not in LAYOUTS:
+            raise ValueError(f"unknown int8 activation layout {kind!r} (known: {', '.join(LAYOUTS)})")
         n, cols = x.shape
-        block = _KIND_BLOCK[kind]
+        block = LAYOUTS[kind].block
         if cols % block:
             raise ValueError(f"int8 activations need a multiple of {block} columns, got {cols}")
         bufs = self._buffers.get((n, cols, kind))
@@ -138,9 +140,21 @@ class Int8Activations:
             scales, sums = _int8_widths(kind, cols)
             bufs = (np.empty((n, cols), np.int8), np.empty((n, scales), np.float32), np.empty((n, sums), np.int16))
             self._buffers[n, cols, kind] = bufs
-        quantizer = quantize_q8k if kind == Q8K else quantize_q8_0
-        quantizer(x if x.flags.c_contiguous else np.ascontiguousarray(x), *bufs)
+        LAYOUTS[kind].quantize(x if x.flags.c_contiguous else np.ascontiguousarray(x), *bufs)
         return bufs
+
+    def float_rounded(self, x: np.ndarray, qtype: int) -> np.ndarray:
+        """x rounded to the float grid llama.cpp multiplies `qtype` weights by (float16 for F16,
+        bfloat16 for BF16; see the registry's float_activations), or x itself for other types
+        (same reuse rule as quantize)."""
+        rounder = TYPES[qtype].float_activations
+        if rounder is None:
+            return x
+        out = self._buffers.get((x.shape, qtype, "float"))
+        if out is None:
+            out = self._buffers[x.shape, qtype, "float"] = np.empty(x.shape, np.float32)
+        rounder(np.ascontiguousarray(x), out)
+        return out
 
     def rounded(self, x: np.ndarray, kind: str) -> np.ndarray:
         """x rounded to its int8 grid, as float32 [n, cols]: what `matmul_int8` multiplies by,
@@ -207,7 +221,8 @@ def matmul_int8_group(group: Int8Group, xq: tuple[np.ndarray, np.ndarray, np.nda
         mm_q8(group.ws, group.qtypes, q, d, sums, tuple(outs))
 
 def matmul_int8(w, qtype: int, xq: tuple[np.ndarray, np.ndarray, np.ndarray], out: np.ndarray) -> None:
-    """out[n, rows] = x @ W.T for Q4_K/Q6_K/Q8_0/Q5_0/Q4_1 weights and x quantized by
+    """out[n, rows] = x @ W.T for weights of a type with an integer path (the registry's int8
+    rows: every quantized type) and x quantized by
     `Int8Activations.quantize(x, int8_kind(qtype, cols))`.
 
     Each block's dot product is exact in integers; the result differs from `matmul`
@@ -240,3 +255,56 @@ def dequantize(w, qtype, shape) -> np.ndarray:
     out = np.empty((w.shape[0], cols), np.float32)
     get_rows(w, qtype, np.arange(w.shape[0]), out)
     return out
+
+
+class MatmulGroup:
+    """Weight matrices that read one input (q/k/v, gate/up, a projection) and how each runs.
+
+    The kernel choices are made here, once, from the registry: matrices with an integer path
+    join one `Int8Group` per activation layout (x is quantized once per layout, each group is
+    one parallel launch); for a prompt (two or more rows) against a layout whose integer kernel
+    is the slower one (`Int8Layout.integer_prompts`), the batched float kernel gets x rounded to
+    that int8 grid instead (the same values); matrices with no integer path, and all of them if
+    `exact`, run the float kernel on x as it is. `float_prompts` does that for prompts too:
+    a prompt's lm_head is one row, free in float32, where int8 rounding would only add noise
+    that llama.cpp's logits do not share."""
+
+    def __init__(self, mats, exact: bool = False, float_prompts: bool = False):
+        """mats: [(w, qtype), ...], raw weight bytes [rows, row_bytes] and their GGML types."""
+        checked = [(_weight_bytes(w, qtype), qtype) for w, qtype in mats]
+        self.mats = [(w, qtype) for (w, _), qtype in checked]
+        by_kind: dict[str, list[int]] = {}
+        self.float_idx = []
+        for i, ((_, cols), qtype) in enumerate(checked):
+            kind = None if exact else int8_kind(qtype, cols)
+            if kind is None:
+                self.float_idx.append(i)
+            else:
+                by_kind.setdefault(kind, []).append(i)
+        self.groups = [(LAYOUTS[kind], Int8Group([mats[i] for i in idx]), idx) for kind, idx in by_kind.items()]
+        self.float_prompts = float_prompts
+        self.exact = exact
+        self.all_idx = range(len(mats))
+
+
+def matmul_group(group: MatmulGroup, int8: Int8Activations, x: np.ndarray, outs, prompt: bool | None = None) -> None:
+    """outs[i][n, rows_i] = x @ W_i.T for every matrix of the group, each by the kernel the group
+    chose for it (see MatmulGroup); `int8` holds the caller's reusable int8 activation buffers.
+
+    `prompt`: whether x comes from a prompt's forward (default: x has two or more rows). A
+    prompt's lm_head reads one row, its last position's, and is still a prompt's."""
+    prompt = x.shape[0] > 1 if prompt is None else prompt
+    if prompt and group.float_prompts:
+        for i in group.all_idx:
+            matmul(group.mats[i][0], group.mats[i][1], x, outs[i])
+        return
+    for layout, int8_group, idx in group.groups:
+        if prompt and not layout.integer_prompts:
+            rounded = int8.rounded(x, layout.name)
+            for i in idx:
+                matmul(group.mats[i][0], group.mats[i][1], rounded, outs[i])
+        else:
+            matmul_int8_group(int8_group, int8.quantize(x, layout.name), [outs[i] for i in idx])
+    for i in group.float_idx:
+        w, qtype = group.mats[i]
+        matmul(w, qtype, x if group.exact else int8.float_rounded(x, qtype), outs[i])

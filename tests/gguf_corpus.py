@@ -151,8 +151,9 @@ CORPUS = {
     "tensor_dim_zero": (_set("dim", 0), "bad dimension 0"),
     "tensor_dim_2_62": (_set("dim", 1 << 62), "extends past the end"),
     "tensor_dim_max": (_set("dim", (1 << 64) - 1), "extends past the end"),
-    "tensor_type_unknown": (_set("ttype", 9999), "unsupported tensor type type#9999"),
-    "tensor_type_q4_0": (_set("ttype", 2), "unsupported tensor type Q4_0"),
+    "tensor_type_unknown": (_set("ttype", 9999), "unknown tensor type type#9999"),
+    # a type the format defines and we do not compute with (Q8_1 is ggml's activation type)
+    "tensor_type_q8_1": (_set("ttype", 9), "unsupported type Q8_1"),
     "tensor_offset_misaligned": (lambda b: fz.set_field(b, _field(b, "toffset", nth=1),
                                                         int.from_bytes(b[_field(b, "toffset", nth=1).offset:][:8],
                                                                        "little") + 4), "is not aligned to 32"),
@@ -233,7 +234,7 @@ CORPUS = {
                                                       "{% for i in range(99999) %}{% for j in range(99999) %}"
                                                       "{% endfor %}{% endfor %}"}), "chat template error"),
     "newline_in_tensor_name": (lambda b: rebuild(b, tensors=_extra_tensor("evil\nname", 9999)),
-                               "tensor evil\\nname: unsupported tensor type"),
+                               "tensor evil\\nname: unknown tensor type"),
     "tensor_renamed": (lambda b: rebuild(b, tensors=_rename("blk.0.ffn_up.weight", "blk.0.ffn_upp.weight")),
                        "missing tensor blk.0.ffn_up.weight"),
     "tensor_duplicate_name": (lambda b: rebuild(b, tensors=_rename("blk.0.ffn_up.weight", "blk.0.ffn_gate.weight")),

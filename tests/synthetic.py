@@ -59,8 +59,16 @@ def _quantize(w: np.ndarray, qtype: int):
 
 def write_tiny_model(path, arch: str = "qwen2", qtype: int = GGMLQuantizationType.Q4_K, n_layers: int = 2,
                      dim: int = 256, ffn: int = 512, n_heads: int = 4, n_kv: int = 2, seed: int = 0,
-                     skip_tensors=(), overrides=None, extra_tensors=None) -> Path:
-    """Write a small random model; `skip_tensors`/`overrides` let tests break it on purpose."""
+                     skip_tensors=(), overrides=None, extra_tensors=None, tied: bool | None = None) -> Path:
+    """Write a small random model; `skip_tensors`/`overrides` let tests break it on purpose.
+
+    The tensors are each architecture's as llama.cpp's load_arch_tensors asks for them:
+    qwen2 has q/k/v biases; qwen3 per-head Q/K norms (attn_q_norm / attn_k_norm), gemma3 those
+    and post-attention / post-FFN norms (set gemma3.attention.sliding_window in `overrides`); phi3 a fused
+    attn_qkv (rows q, k, v) and a fused ffn_up of 2*ffn rows (gate first, then up) and no
+    ffn_gate. `overrides` maps a GGUF value kind ("uint32", "float32", "string") to
+    {key without the "<arch>." prefix: value}; `tied` (default: every arch but qwen2 and qwen3)
+    leaves output.weight out."""
     rng = np.random.default_rng(seed)
     tokens, types, merges = tokenizer_vocab()
     vocab = len(tokens)
@@ -72,8 +80,12 @@ def write_tiny_model(path, arch: str = "qwen2", qtype: int = GGMLQuantizationTyp
     meta.update((overrides or {}).get("uint32", {}))
     for k, v in meta.items():
         w.add_uint32(f"{arch}.{k}", v)
-    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
-    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    floats = {"rope.freq_base": 10000.0, "attention.layer_norm_rms_epsilon": 1e-6}
+    floats.update((overrides or {}).get("float32", {}))
+    for k, v in floats.items():
+        w.add_float32(f"{arch}.{k}", v)
+    for k, v in (overrides or {}).get("string", {}).items():
+        w.add_string(f"{arch}.{k}", v)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
     w.add_token_list(tokens)
@@ -98,22 +110,34 @@ def write_tiny_model(path, arch: str = "qwen2", qtype: int = GGMLQuantizationTyp
 
     mat("token_embd.weight", vocab, dim, 0.5)
     vec("output_norm.weight", dim)
-    if arch == "qwen2":
+    if (arch in ("qwen2", "qwen3")) if tied is None else not tied:
         mat("output.weight", vocab, dim)
     for i in range(n_layers):
         b = f"blk.{i}."
         vec(b + "attn_norm.weight", dim)
-        mat(b + "attn_q.weight", n_heads * hd, dim)
-        mat(b + "attn_k.weight", n_kv * hd, dim)
-        mat(b + "attn_v.weight", n_kv * hd, dim)
+        if arch == "phi3":
+            mat(b + "attn_qkv.weight", (n_heads + 2 * n_kv) * hd, dim)
+        else:
+            mat(b + "attn_q.weight", n_heads * hd, dim)
+            mat(b + "attn_k.weight", n_kv * hd, dim)
+            mat(b + "attn_v.weight", n_kv * hd, dim)
+        if arch in ("qwen3", "gemma3"):
+            vec(b + "attn_q_norm.weight", hd, 1.0, 0.2)
+            vec(b + "attn_k_norm.weight", hd, 1.0, 0.2)
         if arch == "qwen2":
             vec(b + "attn_q.bias", n_heads * hd, 0.0, 0.1)
             vec(b + "attn_k.bias", n_kv * hd, 0.0, 0.1)
             vec(b + "attn_v.bias", n_kv * hd, 0.0, 0.1)
         mat(b + "attn_output.weight", dim, n_heads * hd)
+        if arch == "gemma3":
+            vec(b + "post_attention_norm.weight", dim)
+            vec(b + "post_ffw_norm.weight", dim)
         vec(b + "ffn_norm.weight", dim)
-        mat(b + "ffn_gate.weight", ffn, dim)
-        mat(b + "ffn_up.weight", ffn, dim)
+        if arch == "phi3":
+            mat(b + "ffn_up.weight", 2 * ffn, dim)
+        else:
+            mat(b + "ffn_gate.weight", ffn, dim)
+            mat(b + "ffn_up.weight", ffn, dim)
         mat(b + "ffn_down.weight", dim, ffn)
     for name, arr in (extra_tensors or {}).items():
         w.add_tensor(name, arr)

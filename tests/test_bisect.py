@@ -34,7 +34,8 @@ SMOL = "smollm2-135m-q4_1"
 
 def flip_tensor_scale(src, dst, tensor: str) -> None:
     """Copy a GGUF file and flip the sign of the f16 scale d of every block of one tensor."""
-    from engine.gguf_reader import GGML_TYPES, GGUFFile
+    from engine.gguf_reader import GGUFFile
+    from kernels.quants import GGML_TYPES
     shutil.copyfile(src, dst)
     info = GGUFFile(dst).tensors[tensor]
     _, block = GGML_TYPES[info.ggml_type]

@@ -188,7 +188,7 @@ def test_zero_copy_in_prefill_and_decode(tiny, tmp_path, monkeypatch):
     rows, and a kernel writes into that window (as tests/test_zero_copy.py proves for prefill)."""
     from trace.sink import GenerationSink
     written, handed = [], []
-    for name in ("rmsnorm", "attention", "silu_and_swiglu", "matmul", "matmul_int8_group", "add"):
+    for name in ("rmsnorm", "attention", "silu_and_swiglu", "matmul_group", "add"):
         real = getattr(fwd, name)
 
         def spy(*args, _real=real, **kw):

@@ -1,7 +1,7 @@
 """The int8-activation matmul against an exact integer reference.
 
 `Int8Activations.quantize` must reproduce ggml's quantize_row_q8_K (K-quant weights) and
-x86 quantize_row_q8_0 (Q8_0/Q5_0/Q4_1 weights) bit for bit (independent numpy versions
+x86 quantize_row_q8_0 (the 32-element block types) bit for bit (independent numpy versions
 below), and `matmul_int8` must equal deq(W) @ deq(xq) computed in float64. The only rounding in matmul_int8 is float32 arithmetic on each block's exact
 integer sums: a few roundings per block and a float32 sum over cols/256 blocks and 8
 lanes, so |error| <= (cols/256 + 8) * 2^-23 * (|deq(W)| @ |deq(xq)|); we check 1e-5 of
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kernels.matmul import Int8Activations, dequantize, int8_kind, int8_ready, matmul_int8, matmul_int8_many
-from kernels.quants import F16, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0
+from kernels.quants import F16, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, TYPES, type_name
 from tests.conftest import model_file
 from tests.test_quant_kernels import random_weights
 
@@ -64,14 +64,22 @@ def check(raw, qtype, x):
     assert np.all(np.abs(out - want) <= 1e-5 * scale + 1e-30), np.max(np.abs(out - want) / (scale + 1e-30))
 
 
-@pytest.mark.parametrize("qtype", [Q4_K, Q6_K, Q8_0, Q5_0, Q4_1])
-@pytest.mark.parametrize("n", [1, 3, 4, 5, 9])
-def test_int8_matmul_random(qtype, n):
-    rng = np.random.default_rng(qtype * 100 + n)
-    raw = random_weights(qtype, 37, 768, rng)
-    x = rng.standard_normal((n, 768)).astype(np.float32) * rng.choice([1e-3, 1.0, 300.0], (n, 1)).astype(np.float32)
-    x[0, 5] = 40.0 * np.abs(x[0]).max()           # an outlier, as in real activations
-    if n > 2:
+# every type with an integer path in the registry, so a new row is tested as soon as it has one
+INT8_QTYPES = tuple(t for t, r in TYPES.items() if r.int8 is not None)
+
+
+@pytest.mark.parametrize("qtype", INT8_QTYPES, ids=type_name)
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 17])      # the kernel runs tokens in fours, then the tail
+@pytest.mark.parametrize("blocks", [1, 3, 24])        # row widths in the type's int8 blocks
+def test_int8_matmul_random(qtype, n, blocks):
+    """Random weight bytes (every scale and code pattern, f16 scales from SCALE_POOL: zero,
+    subnormal, +-60000, ...) against activations of mixed magnitudes."""
+    rng = np.random.default_rng(qtype * 1000 + n * 31 + blocks)
+    cols = blocks * TYPES[qtype].int8.block
+    raw = random_weights(qtype, 37, cols, rng)
+    x = rng.standard_normal((n, cols)).astype(np.float32) * rng.choice([1e-3, 1.0, 300.0], (n, 1)).astype(np.float32)
+    x[0, 5 % cols] = 40.0 * np.abs(x[0]).max()    # an outlier, as in real activations
+    if n > 2 and cols >= 512:
         x[2, 256:512] = 0.0                          # an all-zero block
     check(raw, qtype, x)
 
@@ -90,6 +98,26 @@ def test_int8_matmul_real_tensors(key, name):
     raw = f.tensor_bytes(name)[:300]
     rng = np.random.default_rng(7)
     check(raw, info.ggml_type, rng.standard_normal((2, info.ne[0])).astype(np.float32))
+
+
+# the types with no tensor in the fetched models, from files llama.cpp's quantizer made (tests/quantized_models.py)
+REQUANTIZED = [("smollm2-135m-q4_0", "Q4_0"), ("smollm2-135m-q5_1", "Q5_1"), ("smollm2-135m-iq4_nl", "IQ4_NL"),
+               ("smollm2-135m-iq4_xs", "IQ4_XS"), ("qwen2.5-coder-1.5b-q2_k", "Q2_K"),
+               ("qwen2.5-coder-1.5b-q3_k_m", "Q3_K"), ("qwen2.5-coder-1.5b-q5_k_m", "Q5_K")]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("key,type_", REQUANTIZED, ids=[t for _, t in REQUANTIZED])
+def test_int8_matmul_requantized_tensors(key, type_):
+    """Real blocks of each new type (the first tensor of that type in the file with an integer path)."""
+    from engine.gguf_reader import GGUFFile
+    from tests.quantized_models import quantized_model
+    qtype = next(t for t in TYPES if type_name(t) == type_)
+    f = GGUFFile(quantized_model(key))
+    name = next(n for n, info in f.tensors.items() if info.ggml_type == qtype and int8_ready(qtype, info.ne[0]))
+    raw = f.tensor_bytes(name)[:300]
+    rng = np.random.default_rng(8)
+    check(raw, qtype, rng.standard_normal((5, f.tensors[name].ne[0])).astype(np.float32))
 
 
 @pytest.mark.parametrize("n", [1, 6])

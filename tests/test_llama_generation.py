@@ -86,9 +86,11 @@ def _forward_nodes(pos0, n, n_kv_pad, heads, dim, vocab, rng, leak=False):
 
 
 def _cfg(heads, dim, vocab):
-    """The config fields a GenerationSink sizes its files from (one layer, every width = dim)."""
+    """The config fields a GenerationSink sizes its files from (one layer, every width = dim) and the
+    llama.cpp collector reads (architecture, attention window)."""
     from types import SimpleNamespace
-    return SimpleNamespace(n_layers=1, n_heads=heads, dim=dim, vocab=vocab, q_dim=dim, kv_dim=dim, ffn_dim=dim)
+    return SimpleNamespace(n_layers=1, n_heads=heads, dim=dim, vocab=vocab, q_dim=dim, kv_dim=dim, ffn_dim=dim,
+                           arch="qwen2", window=lambda layer: 0)
 
 
 def test_generation_files_rows_from_synthetic_forwards(tmp_path):
@@ -98,7 +100,7 @@ def test_generation_files_rows_from_synthetic_forwards(tmp_path):
     plan = TracePlan(("embedding", "attn_scores", "attn_softmax", "post_ffn_residual", "lm_head"), (0,))
     files = GenerationSink(tmp_path, plan, _cfg(heads, dim, vocab), T, n_prompt)
     files.create()
-    col = _Collector(files, plan, n_prompt, 1, False)
+    col = _Collector(files, plan, n_prompt, _cfg(heads, dim, vocab), False)
     rng = np.random.default_rng(0)
     fed = []
     for step, (pos0, n) in enumerate([(0, 3), (3, 1), (4, 1)]):
@@ -140,7 +142,7 @@ def test_probability_on_a_masked_cell_is_an_error(tmp_path):
     plan = TracePlan(("attn_softmax",), (0,))
     files = GenerationSink(tmp_path, plan, _cfg(2, 4, 5), 4, 3)
     files.create()
-    col = _Collector(files, plan, 3, 1, False)
+    col = _Collector(files, plan, 3, _cfg(2, 4, 5), False)
     files.begin(3, 1)
     col.begin(3, 1)
     nodes = _forward_nodes(3, 1, 256, 2, 4, 5, np.random.default_rng(1), leak=True)

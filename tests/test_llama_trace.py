@@ -67,9 +67,15 @@ class _Node:
         self.name, self.op, self.values, self.ne, self.op_params = name, op, values, values.shape[::-1], (0,) * 16
 
 
+def _tiny_cfg(n_layers, arch="qwen2"):
+    """The Config fields _Collector reads."""
+    from types import SimpleNamespace
+    return SimpleNamespace(n_layers=n_layers, arch=arch, window=lambda layer: 0)
+
+
 def test_graph_node_names_map_to_dump_stems():
     """Qcur-N by op, the unnamed qwen2 output projection found by position, the llama graph's named one."""
-    col = _Collector(None, TracePlan((), ()), 7, 2, False)
+    col = _Collector(None, TracePlan((), ()), 7, _tiny_cfg(2), False)
     seq = [("Qcur-0", "MUL_MAT", "Qcur-0.mul_mat"), ("Qcur-0", "ADD", "Qcur-0"), ("Qcur-0", "RESHAPE", None),
            ("Qcur-0", "ROPE", "Qcur-0.rope"), ("Kcur-0 (view)", "VIEW", None), ("norm-0", "RMS_NORM", None),
            ("kq-0", "MUL_MAT", "kq-0"), ("kq_soft_max-0", "SOFT_MAX", "kq_soft_max-0"),
@@ -85,7 +91,7 @@ def test_graph_node_names_map_to_dump_stems():
 def test_unexposed_stage_is_a_clear_error():
     from engine.errors import EngineError
     from trace.llama_capture import check_stages
-    assert set(UNEXPOSED) == {"ffn_silu"}
+    assert set(UNEXPOSED) == {"ffn_silu", "ffn_gelu"}
     with pytest.raises(EngineError, match="ffn_silu is not available from llama.cpp.*SWIGLU"):
         check_stages("ffn_gate,ffn_silu", ("ffn_gate", "ffn_silu"))
     assert check_stages("all", ("ffn_gate", "ffn_silu", "ffn_swigl")) == ("ffn_gate", "ffn_swigl")

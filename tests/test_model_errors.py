@@ -63,24 +63,46 @@ def test_tensor_past_end_of_file(good, tmp_path):
     assert_one_line_error(run_cli("inspect", p), str(p), "tensor blk.1.ffn_down.weight", "past the end")
 
 
+def assert_unsupported(p, run_needles, missing):
+    """A well-formed file we cannot run: `run` fails in one line naming the first problem, and
+    `inspect` describes the file, says "supported: no" with one "missing:" line per problem
+    (exactly the lines `missing`, each a list of needles) and exits 1."""
+    assert_one_line_error(run_cli("run", p, "--prompt", "hi", "--max-tokens", "1"), str(p), *run_needles)
+    res = run_cli("inspect", p)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, (res.returncode, res.stderr)
+    assert "tensors:" in res.stdout and "supported: no" in res.stdout, res.stdout
+    lines = [line for line in res.stdout.splitlines() if line.strip().startswith("missing:")]
+    assert len(lines) == len(missing), res.stdout
+    for line, needles in zip(lines, missing):
+        assert all(n in line for n in needles), (line, needles)
+
+
 def test_unsupported_architecture(tmp_path):
     p = write_tiny_model(tmp_path / "gpt.gguf", arch="gptneox", qtype=F32)
-    assert_one_line_error(run_cli("inspect", p), str(p), "unsupported architecture 'gptneox'")
+    assert_unsupported(p, ["unsupported architecture 'gptneox'"], [["unsupported architecture 'gptneox'"]])
 
 
 def test_unsupported_tensor_type(tmp_path):
-    p = write_tiny_model(tmp_path / "q40.gguf", qtype=GGMLQuantizationType.Q4_0)
-    assert_one_line_error(run_cli("inspect", p), str(p), "tensor token_embd.weight", "unsupported tensor type Q4_0")
+    p = write_tiny_model(tmp_path / "tq2.gguf", qtype=GGMLQuantizationType.TQ2_0)
+    assert_unsupported(p, ["tensor blk.0.attn_q.weight", "unsupported type TQ2_0"],
+                       [["unsupported tensor type TQ2_0", "16 tensors", "e.g. token_embd.weight"]])
+
+
+def test_unsupported_architecture_and_type_both_named(tmp_path):
+    p = write_tiny_model(tmp_path / "both.gguf", arch="gptneox", qtype=GGMLQuantizationType.TQ2_0)
+    assert_unsupported(p, ["unsupported architecture 'gptneox'"],
+                       [["unsupported architecture 'gptneox'"], ["unsupported tensor type TQ2_0"]])
 
 
 def test_missing_tensor(tmp_path):
     p = write_tiny_model(tmp_path / "miss.gguf", qtype=F32, skip_tensors={"blk.1.ffn_up.weight"})
-    assert_one_line_error(run_cli("inspect", p), str(p), "missing tensor blk.1.ffn_up.weight")
+    assert_unsupported(p, ["missing tensor blk.1.ffn_up.weight"], [["missing tensor blk.1.ffn_up.weight"]])
 
 
 def test_shape_disagrees_with_config(tmp_path):
     p = write_tiny_model(tmp_path / "shape.gguf", qtype=F32, overrides={"uint32": {"feed_forward_length": 384}})
-    assert_one_line_error(run_cli("inspect", p), str(p), "tensor blk.0.ffn_gate.weight", "shape", "[256, 384]")
+    assert_unsupported(p, ["tensor blk.0.ffn_gate.weight", "shape", "[256, 384]"],
+                       [["tensor blk.0.ffn_gate.weight", "shape", "[256, 384]"]])
 
 
 def test_nonexistent_path(tmp_path):

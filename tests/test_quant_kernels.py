@@ -24,7 +24,9 @@ from engine.gguf_reader import GGUFFile
 from engine import failpoints
 from kernels import matmul as _kernels
 from kernels.quantize import quantize
-from kernels.quants import F16, F32, GGML_TYPES, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, type_name
+from kernels import ggml, quants
+from kernels.quants import (BF16, F16, F32, FLOAT_TYPES, GGML_TYPES, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K,
+                            Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q8_K, TYPES, type_name)
 
 
 # The kernels as these tests see them. kernels/ hold no fail points, so the contract runner's
@@ -48,10 +50,12 @@ def dequantize(w, qtype, shape):
     return out
 
 RTOL, ATOL = 1e-4, 1e-30
-QUANT_TYPES = (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)
-ALL_TYPES = (F32, F16) + QUANT_TYPES
-# byte offsets of the f16 scale fields inside one block
-SCALE_FIELDS = {Q4_1: (0, 2), Q5_0: (0,), Q8_0: (0,), Q4_K: (0, 2), Q6_K: (208,)}
+# every block type in the registry, so a new row is tested as soon as it is added
+QUANT_TYPES = tuple(t for t in TYPES if t not in FLOAT_TYPES)
+ALL_TYPES = tuple(TYPES)
+# byte offsets of the f16 scale fields inside one block (test_registry_is_consistent: one entry per type)
+SCALE_FIELDS = {Q4_1: (0, 2), Q5_0: (0,), Q8_0: (0,), Q4_K: (0, 2), Q6_K: (208,), Q4_0: (0,), Q5_1: (0, 2),
+                Q2_K: (80, 82), Q3_K: (108,), Q5_K: (0, 2), IQ4_NL: (0,), IQ4_XS: (0,)}
 # normal, zero, negative zero, subnormal, huge and negative f16 scales
 SCALE_POOL = np.array([1.0, 0.0, -0.0, 2.0 ** -24, 3.5e-6, 6.1e-5, 0.0123, -0.37, 60000.0, -60000.0, 65504.0],
                       dtype=np.float16)
@@ -64,6 +68,10 @@ def random_weights(qtype, rows, cols, rng, finite=True):
     if qtype == F16:
         if finite:
             return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
+        return rng.integers(0, 65536, (rows, cols), dtype=np.uint16).view(np.uint8)
+    if qtype == BF16:   # the top halves of float32 values; any bit pattern (NaN, Inf, subnormal) if not finite
+        if finite:
+            return (rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
         return rng.integers(0, 65536, (rows, cols), dtype=np.uint16).view(np.uint8)
     elems, bsize = GGML_TYPES[qtype]
     w = rng.integers(0, 256, (rows, cols // elems, bsize), dtype=np.uint8)
@@ -99,6 +107,26 @@ def check_matmul(raw, qtype, x):
 def shape_for(qtype):
     """(rows, cols): rows not a multiple of the kernels' row groups; cols spanning a partial 256-span."""
     return (13, 768) if GGML_TYPES[qtype][0] == 256 else (13, 352)
+
+
+def test_registry_is_consistent():
+    """The registry's rows agree with the GGUF format (gguf's own table) and with each other, and
+    everything derived from them covers exactly the registered types."""
+    from engine.model import MATRIX_TYPES
+    for t, (name, elems, nbytes) in ggml.FORMAT.items():
+        gt = gguf.GGMLQuantizationType(t)
+        assert gt.name == name and gguf.GGML_QUANT_SIZES[gt] == (elems, nbytes), (t, name)
+    for t, row in TYPES.items():
+        assert row.id == t and (row.block_elems, row.block_bytes) == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)]
+        assert (row.dequant is None) == (row.block_elems == 1), f"{row.name}: block types need a decoder"
+        assert (row.int8 is None) == (row.int8_block is None), f"{row.name}: an int8 layout needs its block dot product"
+        if row.int8 is not None:
+            assert row.int8 in quants.LAYOUTS.values() and row.block_elems == row.int8.block, row.name
+            assert row.int8.block % row.int8.sum_block == 0, row.name
+        assert GGML_TYPES[t] == ggml.block_shape(t)
+    assert set(MATRIX_TYPES) == set(TYPES) == set(ALL_TYPES) and set(SCALE_FIELDS) == set(QUANT_TYPES)
+    from kernels._mm_int8 import INT8_TYPES
+    assert {r.id for r in INT8_TYPES} == {t for t, r in TYPES.items() if r.int8 is not None}
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=type_name)
@@ -158,8 +186,8 @@ def test_invalid_arguments():
     rng = np.random.default_rng(0)
     raw = random_weights(Q4_K, 4, 256, rng)
     x = np.zeros((2, 256), np.float32)
-    with pytest.raises(ValueError, match="Q5_K"):
-        matmul(raw, Q5_K, x, np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="Q8_K"):          # ggml's activation type, never a weight
+        matmul(raw, Q8_K, x, np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match="columns"):
         matmul(raw, Q4_K, np.zeros((2, 512), np.float32), np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match="out"):

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType
 from tests.conftest import REPO, model_file
 from tests.synthetic import write_tiny_model
 from trace.aprt import read_aprt, write_aprt
-from trace.stages import STAGES
+from engine.arch import model_stages
 
 F32, Q4_K = GGMLQuantizationType.F32, GGMLQuantizationType.Q4_K
 N_LAYERS = 3
@@ -153,8 +153,9 @@ def test_trace_all_on_llama_skips_qkv_bias(models, tmp_path):
     res = run_cli("trace", models["llama"], "--out", tmp_path / "c")
     assert res.returncode == 0, res.stderr
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert "qkv_bias" not in m["stages"] and len(m["stages"]) == len(STAGES) - 1
-    assert len(m["files"]) == 3 + N_LAYERS * (len(STAGES) - 4)
+    llama_stages = model_stages("llama", qkv_bias=False)
+    assert "qkv_bias" not in m["stages"] and m["stages"] == list(llama_stages)
+    assert len(m["files"]) == 3 + N_LAYERS * (len(llama_stages) - 3)
     assert not list((tmp_path / "c").rglob("qkv_bias.bin"))
 
 
@@ -322,7 +323,7 @@ def test_progress_is_reported_per_layer(models, tmp_path, capsys):
 def test_diff_capture_against_itself(capture_a, models, tmp_path):
     res = run_cli("diff", capture_a, capture_a)
     assert res.returncode == 0, res.stderr
-    n = 3 + N_LAYERS * (len(STAGES) - 3)
+    n = 3 + N_LAYERS * (len(model_stages("qwen2", qkv_bias=True)) - 3)
     assert res.stdout.strip().splitlines()[-1] == f"all {n} pairs agree (atol=1e-08, rtol=1e-05)"
     # a second, independent capture of the same model and prompt is identical too
     res = run_cli("trace", models["qwen2"], "--out", tmp_path / "b")

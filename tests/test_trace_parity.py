@@ -46,7 +46,10 @@ from tests.synthetic import write_tiny_model
 from trace.aprt import HEADER, MAGIC, read_aprt
 from trace.capture import capture, plan_for_model, planned_keys
 from trace.llama_names import LLAMA_NAMES, llama_stems, load_llama, our_stage
+from engine.arch import model_stages
 from trace.stages import STAGES
+
+QWEN2_STAGES = model_stages("qwen2", qkv_bias=True)
 from tests.helpers import KeepSink, rel_err
 
 SYNTH_REL_TOL = 5e-5
@@ -177,7 +180,7 @@ def test_llama_names_cover_every_reference_file_we_map():
         if not ref.is_dir():
             pytest.skip(f"{ref} absent")
         names = json.loads((ref / "names.json").read_text())["tensors"]
-        for stage in STAGES:
+        for stage in model_stages("qwen2", qkv_bias=True):
             layers = [None] if stage in ("embedding", "final_norm", "lm_head") else range(4)
             for layer in layers:
                 for stem in llama_stems(stage, layer):
@@ -213,10 +216,10 @@ def test_capture_matches_llamacpp_layers_0_3(tmp_path, key):
     for (stage, layer), c in table.items():
         per_stage[stage] = min(per_stage.get(stage, 1.0), c)
     print(f"\n{key}: min cosine per stage over layers 0-3 vs llama.cpp")
-    for stage in STAGES:
+    for stage in QWEN2_STAGES:
         if stage in per_stage:
             print(f"  {stage:<20} {per_stage[stage]:.6f}")
-    mapped = [s for s in STAGES if LLAMA_NAMES[s] is not None]
+    mapped = [s for s in QWEN2_STAGES if LLAMA_NAMES[s] is not None]
     assert set(per_stage) == set(mapped)
     assert len(table) == 3 + 4 * (len(mapped) - 3)
     bad = {k: round(v, 6) for k, v in table.items() if not v >= LLAMA_COSINE}
@@ -254,8 +257,8 @@ def test_our_kernels_on_llamacpp_inputs_reproduce_its_outputs(key):
                                    rtol=1e-6, atol=1e-6)
         q, k, v = ld(f"Qcur-{L}"), ld(f"Kcur-{L}"), ld(f"Vcur-{L}")
         q_rope, k_rope = np.empty_like(q), np.empty_like(k)
-        rope(q, pos, cfg.n_heads, cfg.head_dim, cfg.n_rot, model.inv_freq, cfg.rope_neox, q_rope)
-        rope(k, pos, cfg.n_kv_heads, cfg.head_dim, cfg.n_rot, model.inv_freq, cfg.rope_neox, k_rope)
+        rope(q, pos, cfg.n_heads, cfg.head_dim, cfg.n_rot, model.inv_freq[L], cfg.rope_neox, q_rope)
+        rope(k, pos, cfg.n_kv_heads, cfg.head_dim, cfg.n_rot, model.inv_freq[L], cfg.rope_neox, k_rope)
         assert cosine(q_rope, ld(f"Qcur-{L}.rope")) > 0.999999 and cosine(k_rope, ld(f"Kcur-{L}.rope")) > 0.999999
         # llama.cpp keeps K and V in an f16 cache and rounds Q to f16 for the K.Q products;
         # feeding our float32 kernel the same f16-rounded values isolates the kernel itself

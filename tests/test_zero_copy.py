@@ -27,7 +27,7 @@ from trace.sink import TraceSink
 from tests.helpers import KeepSink, memmap_base
 
 # kernel name -> how many trailing positional arguments are outputs
-KERNEL_OUTPUTS = {"get_rows": 1, "rmsnorm": 1, "matmul": 1, "matmul_int8_group": 1, "add_bias": 1, "rope": 1, "attention": 3, "add": 1,
+KERNEL_OUTPUTS = {"get_rows": 1, "rmsnorm": 1, "matmul_group": 1, "add_bias": 1, "rope": 1, "attention": 3, "add": 1,
                   "silu_and_swiglu": 2}
 
 
@@ -55,7 +55,7 @@ def kernel_outputs(monkeypatch):
 
         def spy(*args, _real=real, _name=name, _n=n_out, **kw):   # outputs: the last positional arguments
             for out in args[len(args) - _n:]:
-                for o in (out if isinstance(out, list) else [out]):   # matmul_int8_group: a list of outputs
+                for o in (out if isinstance(out, list) else [out]):   # matmul_group: a list of outputs
                     written.append((_name, o))
             return _real(*args, **kw)
 
@@ -103,12 +103,12 @@ def test_every_stage_is_written_by_its_kernel_into_the_file_synthetic(tmp_path, 
     plan = plan_for_model("all", "all", eng.config)
     writers = _check_zero_copy(eng, eng.prompt_ids("What is 2+2?"), tmp_path / "c", plan, kernel_outputs)
     assert writers == {
-        "embedding": "get_rows", "attn_norm": "rmsnorm", "qkv_matmul": "matmul_int8_group", "qkv_bias": "add_bias",
+        "embedding": "get_rows", "attn_norm": "rmsnorm", "qkv_matmul": "matmul_group", "qkv_bias": "add_bias",
         "q_post_rope": "rope", "k_post_rope": "rope", "attn_scores": "attention", "attn_softmax": "attention",
-        "attention": "attention", "attn_out": "matmul_int8_group", "post_attn_residual": "add", "ffn_norm": "rmsnorm",
-        "ffn_gate": "matmul_int8_group", "ffn_up": "matmul_int8_group", "ffn_silu": "silu_and_swiglu",
-        "ffn_swigl": "silu_and_swiglu", "ffn_out": "matmul_int8_group", "post_ffn_residual": "add",
-        "final_norm": "rmsnorm", "lm_head": "matmul"}
+        "attention": "attention", "attn_out": "matmul_group", "post_attn_residual": "add", "ffn_norm": "rmsnorm",
+        "ffn_gate": "matmul_group", "ffn_up": "matmul_group", "ffn_silu": "silu_and_swiglu",
+        "ffn_swigl": "silu_and_swiglu", "ffn_out": "matmul_group", "post_ffn_residual": "add",
+        "final_norm": "rmsnorm", "lm_head": "matmul_group"}
 
 
 def test_single_token_forward_is_zero_copy_too(tmp_path, kernel_outputs):

@@ -93,6 +93,8 @@ SHORT = {
     "k_post_rope": "krope", "attn_scores": "score", "attn_softmax": "smax", "attention": "attn", "attn_out": "aout",
     "post_attn_residual": "res1", "ffn_norm": "fnorm", "ffn_gate": "gate", "ffn_up": "up", "ffn_silu": "silu",
     "ffn_swigl": "swigl", "ffn_out": "fout", "post_ffn_residual": "res2", "final_norm": "fnl", "lm_head": "lm",
+    "q_norm": "qnorm", "k_norm": "knorm", "post_attn_norm": "panorm", "ffn_gelu": "gelu", "ffn_geglu": "geglu",
+    "post_ffn_norm": "pfnorm",
 }
 
 

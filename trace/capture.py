@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.arch import model_stages, stage_absent_reason
 from engine.errors import EngineError
 from trace.aprt import partial_path, read_aprt, stage_path
 from trace.plan import ATTENTION_STAGES, PlanError, TracePlan, parse_layers, parse_stages, planned_keys  # noqa: F401
@@ -35,19 +36,21 @@ def _named(text: str, stage: str) -> bool:
 def plan_for_model(stages_text: str, layers_text: str, cfg) -> TracePlan:
     """The plan for ``--stages``/``--layers`` on a model with config ``cfg``.
 
-    ``qkv_bias`` exists only in models with q/k/v biases (qwen2): naming it on another
-    model is an error; ``all`` then simply leaves it out.
+    Some stages exist only in some models (``qkv_bias`` in qwen2's, ``q_norm`` in gemma3's,
+    the activation stages by the FFN's activation; engine.arch.model_stages): naming one this
+    model lacks is an error; ``all`` then simply leaves it out.
     """
     try:
         stages = parse_stages(stages_text)
         layers = parse_layers(layers_text, cfg.n_layers)
     except PlanError as e:
         raise EngineError(str(e)) from None
-    if "qkv_bias" in stages and not cfg.qkv_bias:
-        if _named(stages_text, "qkv_bias"):
-            raise EngineError(f"stage qkv_bias does not exist in this {cfg.arch} model (it has no q/k/v bias)")
-        stages = tuple(s for s in stages if s != "qkv_bias")
-    return TracePlan(stages, layers)
+    present = model_stages(cfg.arch, cfg.qkv_bias)
+    for stage in stages:
+        if stage not in present and _named(stages_text, stage):
+            raise EngineError(f"stage {stage} does not exist in this {cfg.arch} model "
+                              f"({stage_absent_reason(stage, cfg.arch, cfg.qkv_bias)})")
+    return TracePlan(tuple(s for s in stages if s in present), layers)
 
 
 def check_out_dir(out: Path, force: bool) -> list[Path]:

@@ -49,18 +49,20 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.arch import model_stages
 from engine.errors import EngineError
 from trace.capture import ATTENTION_STAGES, MANIFEST, _write_json_atomic, planned_keys, remove_capture
 from trace.aprt import read_aprt
-from trace.llama_names import LLAMA_NAMES
+from trace.llama_names import names_for
 from trace.plan import TracePlan
 from trace.sink import GenerationSink, TraceSink
-from trace.stages import STAGES
 from trace.stats import attention_rows, stage_stats
 
 UNEXPOSED = {
     "ffn_silu": "llama.cpp never computes silu(gate) on its own (ggml fuses silu(gate)*up into one SWIGLU op, "
                 "ffn_swigl); compare ffn_gate and ffn_swigl instead",
+    "ffn_gelu": "llama.cpp never computes gelu(gate) on its own (ggml fuses gelu(gate)*up into one GEGLU op, "
+                "ffn_geglu); compare ffn_gate and ffn_geglu instead",
 }
 DERIVED = {
     "attn_scores": "kq-N (raw q.k products) times kq_soft_max-N's scale, masked entries set to 0",
@@ -69,8 +71,15 @@ _QKV = re.compile(r"([QKV])cur-([0-9]+)")
 _LAYER = re.compile(r"(.+)-([0-9]+)")
 _STEM_SUFFIX = {"MUL_MAT": ".mul_mat", "ADD": "", "ROPE": ".rope"}
 # base names (without -N) of the nodes we read
-_WANTED = {"embd", "result_norm", "result_output", "attn_norm", "kq", "kq_soft_max", "kqv_out", "attn_out",
-           "ffn_inp", "ffn_norm", "ffn_gate", "ffn_up", "ffn_swiglu", "ffn_out", "l_out"}
+
+
+def _wanted(names) -> frozenset[str]:
+    """Base names (without -N) of the graph nodes we read, for an architecture's `names`."""
+    bases = {"kq", "kqv_out", "l_out"}
+    for spec in names.values():
+        for stem in (spec.stems if spec is not None else ()):
+            bases.add(stem.split("-{N}")[0])
+    return frozenset(b for b in bases if not _QKV.fullmatch(b + "-0"))
 
 
 def unavailable_stages(stages) -> list[str]:
@@ -86,14 +95,14 @@ def check_stages(stages_text: str, stages) -> tuple[str, ...]:
     return tuple(s for s in stages if s not in UNEXPOSED)
 
 
-def _needed_stems(plan: TracePlan) -> frozenset[str]:
+def _needed_stems(plan: TracePlan, names) -> frozenset[str]:
     """The dump stems `plan`'s stages are built from, for its layers; ``l_out-N`` ends layer N's stages."""
     templates = set()
     for stage in plan.stages:
         if stage == "attn_scores":  # derived: kq-N, scaled by kq_soft_max-N's op parameter
             templates |= {"kq-{N}", "kq_soft_max-{N}"}
         elif stage not in UNEXPOSED:
-            templates.update(LLAMA_NAMES[stage].stems)
+            templates.update(names[stage].stems)
     per_layer = {t for t in templates if "{N}" in t} | {"l_out-{N}"}
     return frozenset({t for t in templates if "{N}" not in t}
                      | {t.format(N=layer) for t in per_layer for layer in plan.layers})
@@ -107,11 +116,15 @@ class _Collector:
     ``n_tok`` tokens at positions ``pos0..``; the constructor starts one at position 0.
     """
 
-    def __init__(self, sink, plan: TracePlan, n_tok: int, n_layers: int, progress: bool):
-        self.sink, self.plan, self.n_layers, self.progress = sink, plan, n_layers, progress
+    def __init__(self, sink, plan: TracePlan, n_tok: int, cfg, progress: bool):
+        self.sink, self.plan, self.n_layers, self.progress = sink, plan, cfg.n_layers, progress
+        self.cfg = cfg
+        self.names = names_for(cfg.arch)
+        self.wanted = _wanted(self.names)
+        self.embedding_stem = self.names["embedding"].stems[0]
         self.held: dict[str, np.ndarray] = {}
         self.scale: dict[int, float] = {}
-        self.needed = _needed_stems(plan)
+        self.needed = _needed_stems(plan, self.names)
         self.begin(0, n_tok)
 
     def begin(self, pos0: int, n_tok: int) -> None:
@@ -137,7 +150,7 @@ class _Collector:
         elif op == "MUL_MAT" and self.after_kqv is not None and (name.startswith("node_") or base == "attn_out"):
             layer, self.after_kqv = self.after_kqv, None
             return f"attn_out-{layer}"
-        if base in _WANTED and base != "attn_out":
+        if base in self.wanted and base != "attn_out":
             return name
         return None
 
@@ -172,7 +185,7 @@ class _Collector:
         else:
             v = v.reshape(self.n, -1)
         self.held[stem] = np.ascontiguousarray(v, dtype=np.float32)
-        if stem == "embd":
+        if stem == self.embedding_stem:
             self._emit("embedding", None)
         elif stem.startswith("l_out-"):
             layer = int(stem.split("-")[1])
@@ -193,8 +206,11 @@ class _Collector:
         if stage == "attn_scores":
             kq = self.held[f"kq-{layer}"] * np.float32(self.scale[layer])
             visible = np.tri(self.n, self.n_kv, self.pos0, dtype=bool)  # query i sees keys 0..pos0+i
+            window = self.cfg.window(layer)
+            if window:   # ... from pos0+i-window+1 on, in a sliding-window layer
+                visible &= ~np.tri(self.n, self.n_kv, self.pos0 - window, dtype=bool)
             return np.where(visible[None], kq, np.float32(0)).astype(np.float32)
-        spec = LLAMA_NAMES[stage]
+        spec = self.names[stage]
         stems = [s.format(N=layer) for s in spec.stems]
         missing = [s for s in stems if s not in self.held]
         if missing:
@@ -270,7 +286,7 @@ def _write_manifest(out: Path, model_path, cfg, plan: TracePlan, prompt: str, id
         "token_ids": [int(i) for i in ids], "n_tokens": len(ids), "stages": list(plan.stages),
         "layers": list(plan.layers), "forward_seconds": round(seconds, 4), "files": entries,
         "derived": {s: DERIVED[s] for s in plan.stages if s in DERIVED},
-        "unavailable": {s: UNEXPOSED[s] for s in STAGES if s in UNEXPOSED},
+        "unavailable": {s: UNEXPOSED[s] for s in model_stages(cfg.arch, cfg.qkv_bias) if s in UNEXPOSED},
         **extra,
     }
     _write_json_atomic(out / MANIFEST, manifest)
@@ -290,7 +306,7 @@ def capture_llama(model_path, ids: list[int], plan: TracePlan, out: Path, prompt
     if not ids:
         raise EngineError("the prompt has no tokens; nothing to trace")
     sink = TraceSink(out, plan, cfg.n_layers)
-    col = _Collector(sink, plan, len(ids), cfg.n_layers, progress)
+    col = _Collector(sink, plan, len(ids), cfg, progress)
     t0 = time.perf_counter()
     with _removed_on_failure(out, plan):
         with _aborted_on_failure(sink, progress):
@@ -334,7 +350,7 @@ def capture_llama_generation(model_path, token_ids: list[int], n_prompt: int, pl
     # forward k: (first position, tokens); forward 0 is the whole prompt
     forwards = [(0, ids[:n_prompt])] + [(t, ids[t:t + 1]) for t in range(n_prompt, n_tokens)]
     files = GenerationSink(out, plan, cfg, n_tokens, n_prompt)   # the same files our engine's generation writes
-    col = _Collector(files, plan, n_prompt, cfg.n_layers, False)
+    col = _Collector(files, plan, n_prompt, cfg, False)
     t0 = time.perf_counter()
     with _removed_on_failure(out, plan):
         with _aborted_on_failure(files, progress):

@@ -18,19 +18,24 @@ embedding                 ``embd`` (GET_ROWS)
 attn_norm                 ``attn_norm-N`` (rms_norm * weight)
 qkv_matmul                concat(``Qcur-N.mul_mat``, ``Kcur-N.mul_mat``, ``Vcur-N.mul_mat``) along dim
 qkv_bias                  concat(``Qcur-N``, ``Kcur-N``, ``Vcur-N``) (after the bias ADD; qwen2 only)
+q_norm / k_norm           ``Qcur_normed-N`` / ``Kcur_normed-N`` (gemma3)
 q_post_rope               ``Qcur-N.rope`` ([n_tok, n_head*head_dim], head-major like ours)
 k_post_rope               ``Kcur-N.rope``
 attn_scores               none: llama.cpp's ``kq-N`` is not dumped (and is scaled/masked in place)
 attn_softmax              ``kq_soft_max-N`` ([n_head, n_query, n_key], same as ours for pos 0)
 attention                 ``kqv_out-N`` (heads concatenated, before the output projection)
 attn_out                  ``attn_out-N`` (an unnamed ``node_K`` MUL_MAT in llama.cpp's qwen2 graph)
+post_attn_norm            ``attn_post_norm-N`` (gemma3)
 post_attn_residual        ``ffn_inp-N``
 ffn_norm                  ``ffn_norm-N``
 ffn_gate                  ``ffn_gate-N``
 ffn_up                    ``ffn_up-N``
 ffn_silu                  none: ggml fuses it into SWIGLU; derived as silu(``ffn_gate-N``)
 ffn_swigl                 ``ffn_swiglu-N`` (GLU:SWIGLU)
+ffn_gelu                  none: ggml fuses it into GEGLU (gemma3)
+ffn_geglu                 ``ffn_geglu-N`` (GLU:GEGLU, gemma3)
 ffn_out                   ``ffn_out-N``
+post_ffn_norm             ``ffn_post_norm-N`` (gemma3)
 post_ffn_residual         ``l_out-N`` (alias ``layer_output``)
 final_norm                ``result_norm``
 lm_head                   last row of ``result_output`` (a prefill trace holds the last position only; a
@@ -74,24 +79,40 @@ LLAMA_NAMES: dict[str, LlamaName | None] = {
     "attn_norm": LlamaName(("attn_norm-{N}",)),
     "qkv_matmul": LlamaName(("Qcur-{N}.mul_mat", "Kcur-{N}.mul_mat", "Vcur-{N}.mul_mat"), "concat"),
     "qkv_bias": LlamaName(("Qcur-{N}", "Kcur-{N}", "Vcur-{N}"), "concat", "after the bias ADD (qwen2)"),
+    "q_norm": LlamaName(("Qcur_normed-{N}",)),
+    "k_norm": LlamaName(("Kcur_normed-{N}",)),
     "q_post_rope": LlamaName(("Qcur-{N}.rope",)),
     "k_post_rope": LlamaName(("Kcur-{N}.rope",)),
     "attn_scores": None,
     "attn_softmax": LlamaName(("kq_soft_max-{N}",)),
     "attention": LlamaName(("kqv_out-{N}",)),
     "attn_out": LlamaName(("attn_out-{N}",), note="llama.cpp leaves this node unnamed (node_K)"),
+    "post_attn_norm": LlamaName(("attn_post_norm-{N}",)),
     "post_attn_residual": LlamaName(("ffn_inp-{N}",)),
     "ffn_norm": LlamaName(("ffn_norm-{N}",)),
     "ffn_gate": LlamaName(("ffn_gate-{N}",)),
     "ffn_up": LlamaName(("ffn_up-{N}",)),
     "ffn_silu": LlamaName(("ffn_gate-{N}",), "silu", "derived: ggml fuses silu into SWIGLU"),
     "ffn_swigl": LlamaName(("ffn_swiglu-{N}",)),
+    "ffn_gelu": None,
+    "ffn_geglu": LlamaName(("ffn_geglu-{N}",)),
     "ffn_out": LlamaName(("ffn_out-{N}",)),
+    "post_ffn_norm": LlamaName(("ffn_post_norm-{N}",)),
     "post_ffn_residual": LlamaName(("l_out-{N}",)),
     "final_norm": LlamaName(("result_norm",)),
     "lm_head": LlamaName(("result_output",), "last_row"),
 }
 assert set(LLAMA_NAMES) == set(STAGE_INDEX)
+# Where an architecture's llama.cpp graph names a stage differently (src/models/<arch>.cpp).
+ARCH_NAMES: dict[str, dict[str, LlamaName]] = {
+    "gemma3": {"embedding": LlamaName(("inp_scaled",), note="the embeddings times sqrt(dim)"),
+               "post_attn_residual": LlamaName(("sa_out-{N}",))},
+}
+
+
+def names_for(arch: str) -> dict[str, LlamaName | None]:
+    """LLAMA_NAMES as llama.cpp's graph of this architecture names the stages."""
+    return {**LLAMA_NAMES, **ARCH_NAMES.get(arch, {})}
 
 
 def llama_stems(stage: str, layer: int | None) -> tuple[str, ...]:

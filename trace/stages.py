@@ -1,11 +1,10 @@
-"""The stage names of the forward, in forward order (see ../shared/DESIGN.md)."""
+"""The stage names of the forward, in forward order (see ../shared/DESIGN.md).
 
-STAGES = (
-    "embedding", "attn_norm", "qkv_matmul", "qkv_bias", "q_post_rope", "k_post_rope",
-    "attn_scores", "attn_softmax", "attention", "attn_out", "post_attn_residual",
-    "ffn_norm", "ffn_gate", "ffn_up", "ffn_silu", "ffn_swigl", "ffn_out",
-    "post_ffn_residual", "final_norm", "lm_head",
-)
+STAGES is every stage of every architecture; which of them a model has is
+engine.arch.model_stages (both derived from engine/arch.py's one table)."""
+from engine.arch import ALL_STAGES
+
+STAGES = ALL_STAGES
 # Stages computed once per forward rather than once per layer.
 # `embedding` is whole-model too, but its file lives at layer-0/embedding.bin.
 WHOLE_MODEL_STAGES = ("embedding", "final_norm", "lm_head")
