@@ -270,6 +270,7 @@ def load_weights(gf: GGUFFile, cfg: Config) -> Weights:
     layers = []
     for i in range(cfg.n_layers):
         b = f"blk.{i}."
+        attn_norm = ld.vector(b + "attn_norm.weight", cfg.dim)   # first: a missing layer is named by it
         if traits.fused and b + "attn_qkv.weight" in gf.tensors:   # phi3 (llama.cpp also takes separate q/k/v)
             wq, wk, wv = ld.split_matrix(b + "attn_qkv.weight",
                                          (("q", cfg.q_dim), ("k", cfg.kv_dim), ("v", cfg.kv_dim)), cfg.dim)
@@ -283,7 +284,7 @@ def load_weights(gf: GGUFFile, cfg: Config) -> Weights:
             w_gate, w_up = ld.matrix(b + "ffn_gate.weight", cfg.ffn_dim, cfg.dim), \
                            ld.matrix(b + "ffn_up.weight", cfg.ffn_dim, cfg.dim)
         layers.append(Layer(
-            attn_norm=ld.vector(b + "attn_norm.weight", cfg.dim),
+            attn_norm=attn_norm,
             wq=wq, wk=wk, wv=wv,
             bq=ld.vector(b + "attn_q.bias", cfg.q_dim) if cfg.qkv_bias else None,
             bk=ld.vector(b + "attn_k.bias", cfg.kv_dim) if cfg.qkv_bias else None,
