@@ -102,9 +102,11 @@ def gelu_and_geglu(gate, up, gelu_out, geglu_out, f16):
 
 
 def softcap(logits, cap):
-    """logits = cap * tanh(logits / cap), in place (final logit soft-capping)."""
+    """logits = cap * tanh(logits / cap), in place (final logit soft-capping; nothing allocated)."""
     if cap:
-        np.multiply(np.tanh(logits / np.float32(cap)), np.float32(cap), out=logits)
+        np.divide(logits, np.float32(cap), out=logits)
+        np.tanh(logits, out=logits)
+        np.multiply(logits, np.float32(cap), out=logits)
 
 
 def _post_norm(sink, hk, stage: str, li: int, x, w, eps):

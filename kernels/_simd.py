@@ -178,6 +178,17 @@ def _sums16(builder, bp):
     return builder.load(builder.bitcast(bp, _V16I16.as_pointer()), align=2)
 
 
+def _scaled_codes_dot(builder, quads, splats, xp):
+    """<8 x i32>: sum_g splats[g] . maddubs(quads[g], x[32g:32g+32]) over one token's 256 int8
+    activations at xp: eight 32-code groups of unsigned weight codes, each multiplied by its
+    activations in pairs (vpmaddubsw) and folded in with its sub-block scales (vpdpwssd or
+    vpmaddwd + add). The inner loop of the 256-element K-quant blocks."""
+    acc = None
+    for g, (q, sc) in enumerate(zip(quads, splats)):
+        acc = _madd(builder, acc, _maddubs(builder, q, _load(builder, xp, 32 * g, _V32I8)), sc)
+    return acc
+
+
 def q4_k_block(builder, blk, xps, bps, xds):
     """One Q4_K block against each token's activations (byte pointer xps[t] to its 256 int8
     values, bps[t] to their 16-element sums, xds[t] its float scale): per token, the block's
@@ -198,9 +209,7 @@ def q4_k_block(builder, blk, xps, bps, xds):
     d, dmin = (builder.extract_element(dm, ir.Constant(_I32, i)) for i in (0, 1))
     parts = []
     for xp, bp, xd in zip(xps, bps, xds):
-        acc = None
-        for s in range(8):
-            acc = _madd(builder, acc, _maddubs(builder, quads[s], _load(builder, xp, 32 * s, _V32I8)), splats[s])
+        acc = _scaled_codes_dot(builder, quads, splats, xp)
         mins_part = _madd(builder, None, _sums16(builder, bp), mins_paired)
         parts.append(builder.fsub(_scaled(builder, acc, d, xd), _scaled(builder, mins_part, dmin, xd), flags=_FAST))
     return parts
@@ -230,9 +239,7 @@ def q6_k_block(builder, blk, xps, bps, xds):
     d = builder.extract_element(_f16_at(builder, blk, 208, 1), ir.Constant(_I32, 0))
     parts = []
     for xp, bp, xd in zip(xps, bps, xds):
-        acc = None
-        for g in range(8):   # group g covers activations 32g..32g+31
-            acc = _madd(builder, acc, _maddubs(builder, quads[g], _load(builder, xp, 32 * g, _V32I8)), splats[g])
+        acc = _scaled_codes_dot(builder, quads, splats, xp)
         # the stored values are q + 32: subtract 32 * sum_i sc_i * sum(x_i)
         off = _madd(builder, None, _sums16(builder, bp), scales)
         parts.append(_scaled(builder, builder.sub(acc, builder.shl(off, _splat(_V8I32, 5))), d, xd))
@@ -465,9 +472,7 @@ def q5_k_block(builder, blk, xps, bps, xds):
     d, dmin = (builder.extract_element(dm, ir.Constant(_I32, i)) for i in (0, 1))
     parts = []
     for xp, bp, xd in zip(xps, bps, xds):
-        acc = None
-        for s in range(8):
-            acc = _madd(builder, acc, _maddubs(builder, quads[s], _load(builder, xp, 32 * s, _V32I8)), splats[s])
+        acc = _scaled_codes_dot(builder, quads, splats, xp)
         mins_part = _madd(builder, None, _sums16(builder, bp), mins_paired)
         parts.append(builder.fsub(_scaled(builder, acc, d, xd), _scaled(builder, mins_part, dmin, xd), flags=_FAST))
     return parts
@@ -509,9 +514,7 @@ def q3_k_block(builder, blk, xps, bps, xds):
     d = _scalar_f16(builder, blk, 108)
     parts = []
     for xp, bp, xd in zip(xps, bps, xds):
-        acc = None
-        for g in range(8):
-            acc = _madd(builder, acc, _maddubs(builder, quads[g], _load(builder, xp, 32 * g, _V32I8)), splats[g])
+        acc = _scaled_codes_dot(builder, quads, splats, xp)
         off = _madd(builder, None, _sums16(builder, bp), scales)
         parts.append(_scaled(builder, builder.sub(acc, builder.shl(off, _splat(_V8I32, 2))), d, xd))
     return parts
@@ -536,9 +539,7 @@ def q2_k_block(builder, blk, xps, bps, xds):
     d, dmin = (builder.extract_element(dm, ir.Constant(_I32, i)) for i in (0, 1))
     parts = []
     for xp, bp, xd in zip(xps, bps, xds):
-        acc = None
-        for g in range(8):
-            acc = _madd(builder, acc, _maddubs(builder, quads[g], _load(builder, xp, 32 * g, _V32I8)), splats[g])
+        acc = _scaled_codes_dot(builder, quads, splats, xp)
         mins_part = _madd(builder, None, _sums16(builder, bp), mins)
         parts.append(builder.fsub(_scaled(builder, acc, d, xd), _scaled(builder, mins_part, dmin, xd), flags=_FAST))
     return parts

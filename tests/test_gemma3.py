@@ -62,25 +62,14 @@ def llama():
 
 
 def compare(name: str) -> dict:
-    from tests.test_parity_quant_types import llama_greedy
-    if name in _STATE:
-        return _STATE[name]
-    eng, llm = engine(), llama()
-    text = PROMPTS[name]
-    ids = eng.prompt_ids(text, raw=True)
-    assert ids == llm.tokenize(text.encode(), add_bos=True, special=True)
-    greedy, want = llama_greedy(llm, ids, STEPS)
-    top2 = np.sort(want, axis=1)[:, -2:]
-    clear = next((i for i, m in enumerate(top2[:, 1] - top2[:, 0]) if m < MARGIN), STEPS)
-    forced = eng.forward(ids + greedy[:-1], all_logits=True)[len(ids) - 1:].astype(np.float64)
-    lag = want.max(axis=1) - want[np.arange(STEPS), forced.argmax(axis=1)]
-    got = eng.forward(ids)[0].astype(np.float64)
-    d = np.abs(got - want[0])
-    ours = list(eng.generate(ids, max_tokens=clear, stop_at_eog=False)) if clear else []
-    _STATE[name] = r = {"ids": ids, "greedy": greedy, "clear": clear, "ours": ours, "lag": lag,
-                        "max": float(d.max()), "mean": float(d.mean()),
-                        "cosine": float(got @ want[0] / (np.linalg.norm(got) * np.linalg.norm(want[0])))}
-    return r
+    from tests.test_parity_quant_types import compare_live
+    if name not in _STATE:
+        eng, llm = engine(), llama()
+        text = PROMPTS[name]
+        ids = eng.prompt_ids(text, raw=True)
+        assert ids == llm.tokenize(text.encode(), add_bos=True, special=True)
+        _STATE[name] = compare_live(eng, llm, ids, STEPS, MARGIN)
+    return _STATE[name]
 
 
 @pytest.mark.model
@@ -120,7 +109,7 @@ def test_greedy_tokens_match_up_to_near_tie(name):
     r = compare(name)
     if r["clear"] == 0:
         pytest.skip("llama.cpp's step-0 margin is below the noise threshold")
-    assert r["ours"] == r["greedy"][:r["clear"]]
+    assert r["ours_greedy"] == r["greedy"][:r["clear"]]
 
 
 @pytest.mark.model

@@ -108,26 +108,30 @@ def llama_greedy(llm, ids: list[int], steps: int) -> tuple[list[int], np.ndarray
     return tokens, np.stack(logits)
 
 
-def compare(key: str, prompt: str) -> dict:
-    """Ours against llama.cpp on one prompt: the numbers every test here checks."""
-    base = QUANTIZED[key][0]
-    eng = engine_for_path(quantized_file(key))
-    llm = llama_for(key)
-    ids = eng.prompt_ids(prompt, raw=True)
-    assert ids == llm.tokenize(prompt.encode(), add_bos=False, special=True)
-    greedy, want = llama_greedy(llm, ids, STEPS)
+def compare_live(eng, llm, ids: list[int], steps: int, margin: float) -> dict:
+    """Our engine against llama.cpp live on one prompt's ids: llama.cpp's greedy continuation and
+    its `clear` steps (before the first top-1/top-2 margin below `margin`), how far below llama.cpp's
+    best our teacher-forced top-1 is at each step (`lag`), our greedy tokens over the clear steps,
+    and the prompt's last-position logits' max / mean |diff| and cosine."""
+    greedy, want = llama_greedy(llm, ids, steps)
     top2 = np.sort(want, axis=1)[:, -2:]
-    margins = top2[:, 1] - top2[:, 0]
-    clear = next((i for i, m in enumerate(margins) if m < MARGIN[base]), STEPS)
+    clear = next((i for i, m in enumerate(top2[:, 1] - top2[:, 0]) if m < margin), steps)
     forced = eng.forward(ids + greedy[:-1], all_logits=True)[len(ids) - 1:].astype(np.float64)
-    ours_top = forced.argmax(axis=1)
-    lag = want.max(axis=1) - want[np.arange(STEPS), ours_top]    # how far below llama.cpp's best ours is
+    lag = want.max(axis=1) - want[np.arange(steps), forced.argmax(axis=1)]
     got0 = eng.forward(ids)[0].astype(np.float64)
     d = np.abs(got0 - want[0])
     ours_greedy = list(eng.generate(ids, max_tokens=clear, stop_at_eog=False)) if clear else []
-    return {"clear": clear, "greedy": greedy, "ours_greedy": ours_greedy, "lag": lag,
+    return {"ids": ids, "clear": clear, "greedy": greedy, "ours_greedy": ours_greedy, "lag": lag,
             "max": float(d.max()), "mean": float(d.mean()),
             "cosine": float(got0 @ want[0] / (np.linalg.norm(got0) * np.linalg.norm(want[0])))}
+
+
+def compare(key: str, prompt: str) -> dict:
+    """Ours against llama.cpp on one prompt of a requantized file: the numbers every test here checks."""
+    eng, llm = engine_for_path(quantized_file(key)), llama_for(key)
+    ids = eng.prompt_ids(prompt, raw=True)
+    assert ids == llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    return compare_live(eng, llm, ids, STEPS, MARGIN[QUANTIZED[key][0]])
 
 
 _RESULTS: dict = {}
