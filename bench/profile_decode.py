@@ -36,9 +36,10 @@ def _wrap(name, fn, classify=None):
     return wrapped
 
 
-def _mm_class(model, x, plan, *pairs):
+def _mm_class(int8, x, group, *outs):
     from kernels.quants import type_name
-    return "matmul " + " + ".join(f"{type_name(w.qtype)} {w.rows}x{w.cols}" for w, _ in pairs)
+    return "matmul " + " + ".join(f"{type_name(qtype)} {out.shape[1]}x{x.shape[1]}"
+                                  for (_, qtype), out in zip(group.mats, outs))
 
 
 def main():

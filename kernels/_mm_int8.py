@@ -4,8 +4,9 @@
 activation rows, as LLVM IR: a switch on the weight type to a loop over the row's
 blocks, each block's exact integer dot product built by the type's IR in
 kernels/_simd.py. The switch is derived from the registry (kernels/quants.py): a type
-with an `int8_block` is reached here without editing this file. `mm_q8` is the
-parallel matmul over them. (Numba's cache keys a kernel on its own source file: after
+with an `int8_block` is reached here without editing this file. `rows_dot` is four weight
+rows against one activation row, what a decode step runs. `mm_q8` is the parallel
+matmul over them. (Numba's cache keys a kernel on its own source file: after
 changing the registry or _simd.py, delete kernels/__pycache__/_mm_int8*.nb[ic].)
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+from kernels._matvec import chunks_of, locate_chunk
 from kernels._simd import _F32, _I64, _V8F32, _FAST, PREFETCH_AHEAD, _prefetch, _ptr
 from kernels.quants import TYPES, QuantType
 
@@ -22,65 +24,87 @@ INT8_TYPES = tuple(t for t in TYPES.values() if t.int8_block is not None)
 CHUNK = 16                                  # weight rows per parallel work item
 
 
-def _row_loop(context, builder, arg_types, args, qt: QuantType, tokens: int):
-    """IR for W_row . x_t over a whole row of blocks of type qt, for `tokens` activation rows;
-    returns one float per token. Arguments as in row_dot: the type's int8 block IR turns each
-    block into scaled 8-lane float partial sums, which are added into one accumulator per token
-    and reduced once per row."""
+def _blocks_loop(context, builder, qt: QuantType, rows, nblocks, acts, tokens: int):
+    """IR for W_r . x_t for every weight row r (byte pointers `rows`, `nblocks` blocks of type
+    qt each) and every one of `tokens` activation rows; returns [row][token] floats.
+
+    acts = (x0, xstride, d0, dstride, b0, bstride): pointers to token 0's int8 values, scales and
+    sums, and the strides between tokens. The type's int8 block IR turns each block into scaled
+    8-lane float partial sums, added into one accumulator per (row, token) and reduced once at
+    the end. Several rows per loop give independent addition chains (one chain waits on the
+    float add's latency, four blocks in flight do not) and load each activation block once."""
     block_bytes, block_elems, block_fn = qt.block_bytes, qt.block_elems, qt.int8_block
     sums_per_block = block_elems // qt.int8.sum_block
-    (trow, txq, txo, txs, txd, tdo, tds, tbs, tbo, tbst) = arg_types
-    row_ary = context.make_array(trow)(context, builder, args[0])
-    nblocks = builder.udiv(cgutils.unpack_tuple(builder, row_ary.shape, 1)[0],
-                           ir.Constant(row_ary.shape.type.element, block_bytes))
-    intp = lambda v, t: context.cast(builder, v, t, types.intp)  # noqa: E731
-    xstride, dstride, bstride = intp(args[3], txs), intp(args[6], tds), intp(args[9], tbst)
-    x0 = _ptr(context, builder, txq, args[1], txo, args[2])
-    d0 = _ptr(context, builder, txd, args[4], tdo, args[5])
-    b0 = _ptr(context, builder, tbs, args[7], tbo, args[8])
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8)) for _ in range(tokens)]
+    x0, xstride, d0, dstride, b0, bstride = acts
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8)) for _ in range(tokens)]
+            for _ in rows]
     with cgutils.for_range(builder, nblocks) as loop:
         b = loop.index
 
         def at(base, step, stride, t):   # element b*step + t*stride of an activation array
             return builder.gep(base, [builder.add(builder.mul(b, ir.Constant(b.type, step)),
                                                   builder.mul(stride, ir.Constant(_I64, t)))])
-        blk = builder.gep(row_ary.data, [builder.mul(b, ir.Constant(b.type, block_bytes))])
-        if tokens == 1:
-            for k in range(0, block_bytes, 64):
-                _prefetch(builder, blk, PREFETCH_AHEAD + k)
-        parts = block_fn(builder, blk, [at(x0, block_elems, xstride, t) for t in range(tokens)],
-                         [at(b0, sums_per_block, bstride, t) for t in range(tokens)],
-                         [builder.load(at(d0, 1, dstride, t)) for t in range(tokens)])
-        for acc, part in zip(accs, parts):
-            builder.store(builder.fadd(builder.load(acc), part, flags=_FAST), acc)
+        xps = [at(x0, block_elems, xstride, t) for t in range(tokens)]
+        bps = [at(b0, sums_per_block, bstride, t) for t in range(tokens)]
+        xds = [builder.load(at(d0, 1, dstride, t)) for t in range(tokens)]
+        for row, row_accs in zip(rows, accs):
+            blk = builder.gep(row, [builder.mul(b, ir.Constant(b.type, block_bytes))])
+            if tokens == 1:   # one token reads each weight byte once: stream it in ahead of use
+                for k in range(0, block_bytes, 64):
+                    _prefetch(builder, blk, PREFETCH_AHEAD + k)
+            for acc, part in zip(row_accs, block_fn(builder, blk, xps, bps, xds)):
+                builder.store(builder.fadd(builder.load(acc), part, flags=_FAST), acc)
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V8F32]),
                                         "llvm.vector.reduce.fadd.v8f32")
-    return [builder.call(fn, [ir.Constant(_F32, 0.0), builder.load(a)], fastmath=_FAST) for a in accs]
+    return [[builder.call(fn, [ir.Constant(_F32, 0.0), builder.load(a)], fastmath=_FAST) for a in row_accs]
+            for row_accs in accs]
+
+
+def _type_switch(context, builder, qtype, n_results: int, emit):
+    """A switch on the weight type (a runtime int64) to `emit(qt)` (a list of n_results floats)
+    for each type with an integer path; any other type gives NaN (callers pass only int8_ready
+    types). Returns the results."""
+    results = [cgutils.alloca_once(builder, _F32) for _ in range(n_results)]
+    merge = builder.append_basic_block("row_dot.end")
+    unknown = builder.append_basic_block("row_dot.unknown")
+    switch = builder.switch(qtype, unknown)
+    for qt in INT8_TYPES:
+        case = builder.append_basic_block(f"row_dot.type{qt.id}")
+        switch.add_case(ir.Constant(qtype.type, qt.id), case)
+        with builder.goto_block(case):
+            for res, value in zip(results, emit(qt)):
+                builder.store(value, res)
+            builder.branch(merge)
+    with builder.goto_block(unknown):
+        for res in results:
+            builder.store(ir.Constant(_F32, float("nan")), res)
+        builder.branch(merge)
+    builder.position_at_end(merge)
+    return [builder.load(r) for r in results]
+
+
+def _acts(context, builder, arg_types, args):
+    """The activation arguments (xq, xo, xstride, xd, do, dstride, bs, bo, bstride) as pointers
+    and strides for _blocks_loop."""
+    (txq, txo, txs, txd, tdo, tds, tbs, tbo, tbst) = arg_types
+    intp = lambda v, t: context.cast(builder, v, t, types.intp)  # noqa: E731
+    return (_ptr(context, builder, txq, args[0], txo, args[1]), intp(args[2], txs),
+            _ptr(context, builder, txd, args[3], tdo, args[4]), intp(args[5], tds),
+            _ptr(context, builder, tbs, args[6], tbo, args[7]), intp(args[8], tbst))
 
 
 def _row_dot_codegen(tokens: int):
-    """A switch on the weight type (a runtime value) to one _row_loop per type with an integer
-    path; any other type gives NaN (callers pass only int8_ready types)."""
+    """One weight row (a 1-D byte array) against `tokens` activation rows."""
     def codegen(context, builder, signature, args):
         qtype = context.cast(builder, args[0], signature.args[0], types.int64)
-        results = [cgutils.alloca_once(builder, _F32) for _ in range(tokens)]
-        merge = builder.append_basic_block("row_dot.end")
-        unknown = builder.append_basic_block("row_dot.unknown")
-        switch = builder.switch(qtype, unknown)
-        for qt in INT8_TYPES:
-            case = builder.append_basic_block(f"row_dot.type{qt.id}")
-            switch.add_case(ir.Constant(qtype.type, qt.id), case)
-            with builder.goto_block(case):
-                for res, value in zip(results, _row_loop(context, builder, signature.args[1:], args[1:], qt, tokens)):
-                    builder.store(value, res)
-                builder.branch(merge)
-        with builder.goto_block(unknown):
-            for res in results:
-                builder.store(ir.Constant(_F32, float("nan")), res)
-            builder.branch(merge)
-        builder.position_at_end(merge)
-        sums = [builder.load(r) for r in results]
+        row_ary = context.make_array(signature.args[1])(context, builder, args[1])
+        row_bytes = cgutils.unpack_tuple(builder, row_ary.shape, 1)[0]
+        acts = _acts(context, builder, signature.args[2:], args[2:])
+
+        def emit(qt):
+            nblocks = builder.udiv(row_bytes, ir.Constant(row_bytes.type, qt.block_bytes))
+            return _blocks_loop(context, builder, qt, [row_ary.data], nblocks, acts, tokens)[0]
+        sums = _type_switch(context, builder, qtype, tokens, emit)
         return sums[0] if tokens == 1 else context.make_tuple(builder, signature.return_type, sums)
     return codegen
 
@@ -101,20 +125,32 @@ _ARGS = """Arguments (qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstr
 row_dot = _row_dot_intrinsic(1, "W_row . x for one activation row (a float).\n\n    " + _ARGS)
 row_dot4 = _row_dot_intrinsic(4, "W_row . x_t for four activation rows t (a 4-tuple).\n\n    " + _ARGS)
 
-
-@njit(cache=True, inline="always")
-def _chunks(w):
-    return (w.shape[0] + CHUNK - 1) // CHUNK
+ROWS = 4   # weight rows per rows_dot
 
 
-@njit(cache=True, inline="always")
-def _locate(ws, job):
-    """(matrix, chunk within it) of work item `job`, counting the matrices' chunks in order."""
-    i, first = 0, 0
-    while job >= first + _chunks(ws[i]):
-        first += _chunks(ws[i])
-        i += 1
-    return i, job - first
+def _rows_dot_codegen(context, builder, signature, args):
+    qtype = context.cast(builder, args[0], signature.args[0], types.int64)
+    w = context.make_array(signature.args[1])(context, builder, args[1])
+    r = context.cast(builder, args[2], signature.args[2], types.intp)
+    stride = cgutils.unpack_tuple(builder, w.strides, 2)[0]          # bytes from row to row
+    row_bytes = cgutils.unpack_tuple(builder, w.shape, 2)[1]
+    first = builder.gep(w.data, [builder.mul(r, stride)])
+    rows = [builder.gep(first, [builder.mul(ir.Constant(stride.type, i), stride)]) for i in range(ROWS)]
+    acts = _acts(context, builder, signature.args[3:], args[3:])
+
+    def emit(qt):
+        nblocks = builder.udiv(row_bytes, ir.Constant(row_bytes.type, qt.block_bytes))
+        return [res[0] for res in _blocks_loop(context, builder, qt, rows, nblocks, acts, 1)]
+    sums = _type_switch(context, builder, qtype, ROWS, emit)
+    return context.make_tuple(builder, signature.return_type, sums)
+
+
+@intrinsic
+def rows_dot(typingctx, qtype, w, r, xq, xo, xstride, xd, do, dstride, bs, bo, bstride):
+    """(W[r + i] . x for i < ROWS) for one activation row: a ROWS-tuple. w is a 2-D byte array
+    with rows r .. r+ROWS-1 (unchecked: callers stay in range); other arguments as in row_dot."""
+    sig = types.UniTuple(types.float32, ROWS)(qtype, w, r, xq, xo, xstride, xd, do, dstride, bs, bo, bstride)
+    return sig, _rows_dot_codegen
 
 
 # Work items are CHUNK weight rows of one of the matrices; inside one, activation rows go four at
@@ -128,9 +164,9 @@ def mm_q8(ws, qtypes, xq, xd, bs, outs):
     xs, ds, bst = xq.shape[1], xd.shape[1], bs.shape[1]
     total = 0
     for i in range(len(ws)):
-        total += _chunks(ws[i])
+        total += chunks_of(ws[i], CHUNK)
     for job in prange(total):
-        i, c = _locate(ws, job)
+        i, c = locate_chunk(ws, job, CHUNK)
         w, qtype, out = ws[i], qtypes[i], outs[i]
         r0, r1 = c * CHUNK, min(w.shape[0], c * CHUNK + CHUNK)
         for t in range(0, n - 3, 4):
@@ -138,5 +174,9 @@ def mm_q8(ws, qtypes, xq, xd, bs, outs):
                 out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = row_dot4(
                     qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
         for t in range(n - n % 4, n):
-            for r in range(r0, r1):
+            for r in range(r0, r1 - (r1 - r0) % ROWS, ROWS):
+                dots = rows_dot(qtype, w, r, xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
+                for i in range(ROWS):
+                    out[t, r + i] = dots[i]
+            for r in range(r1 - (r1 - r0) % ROWS, r1):
                 out[t, r] = row_dot(qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)

@@ -29,11 +29,12 @@ from __future__ import annotations
 import numpy as np
 
 from kernels._gemm import gemm, mv_float
+from kernels._matvec import mv_half_many
 from kernels._mm_int8 import mm_q8
 from kernels._q8 import dequantize_q8
 from kernels._span import dequantize_rows
 from kernels.f16 import F16_TO_F32
-from kernels.quants import F16, F32, LAYOUTS, SUPPORTED, TYPES, block_shape, type_name
+from kernels.quants import BF16, F16, F32, LAYOUTS, SUPPORTED, TYPES, block_shape, type_name
 
 _FLOAT_DTYPES = {F32: np.float32, F16: np.float16}
 # the layouts' names, as callers pass them to Int8Activations.quantize
@@ -214,11 +215,20 @@ def matmul_int8_group(group: Int8Group, xq: tuple[np.ndarray, np.ndarray, np.nda
         if (out.shape != (q.shape[0], w.shape[0]) or out.dtype != np.float32 or out.strides[1] != 4
                 or not out.flags.writeable):
             _float_out(out, (q.shape[0], w.shape[0]))   # raises with the details
+    _launch_int8(group, xq, outs)
+
+
+def _launch_int8(group: Int8Group, xq, outs) -> None:
+    """matmul_int8_group without the checks, for callers whose arguments are right by
+    construction (matmul_group: the forward's own buffers; ~4 us a call, hundreds of calls a
+    decode step)."""
+    q, d, sums = xq
     if len({o.flags.c_contiguous for o in outs}) > 1:   # one launch needs one output array type
         for w, qtype, out in zip(group.ws, group.qtypes, outs):
             mm_q8((w,), (qtype,), q, d, sums, (out,))
     else:
         mm_q8(group.ws, group.qtypes, q, d, sums, tuple(outs))
+
 
 def matmul_int8(w, qtype: int, xq: tuple[np.ndarray, np.ndarray, np.ndarray], out: np.ndarray) -> None:
     """out[n, rows] = x @ W.T for weights of a type with an integer path (the registry's int8
@@ -264,10 +274,12 @@ class MatmulGroup:
     join one `Int8Group` per activation layout (x is quantized once per layout, each group is
     one parallel launch); for a prompt (two or more rows) against a layout whose integer kernel
     is the slower one (`Int8Layout.integer_prompts`), the batched float kernel gets x rounded to
-    that int8 grid instead (the same values); matrices with no integer path, and all of them if
-    `exact`, run the float kernel on x as it is. `float_prompts` does that for prompts too:
-    a prompt's lm_head is one row, free in float32, where int8 rounding would only add noise
-    that llama.cpp's logits do not share."""
+    that int8 grid instead (the same values); matrices with no integer path run the float kernel
+    on x rounded as llama.cpp rounds it for them (F16, BF16; the registry's float_activations),
+    and all matrices run it on x as it is if `exact`; one-token matvecs of several 16-bit float
+    matrices of one type share one launch. `float_prompts` runs the float kernel for prompts
+    too: a prompt's lm_head is one row, free in float32, where int8 rounding would only add
+    noise that llama.cpp's logits do not share."""
 
     def __init__(self, mats, exact: bool = False, float_prompts: bool = False):
         """mats: [(w, qtype), ...], raw weight bytes [rows, row_bytes] and their GGML types."""
@@ -282,6 +294,15 @@ class MatmulGroup:
             else:
                 by_kind.setdefault(kind, []).append(i)
         self.groups = [(LAYOUTS[kind], Int8Group([mats[i] for i in idx]), idx) for kind, idx in by_kind.items()]
+        # one-token matvecs of two or more 16-bit float matrices of one type run in one launch
+        halves: dict[int, list[int]] = {}
+        for i in self.float_idx:
+            if self.mats[i][1] in (F16, BF16):
+                halves.setdefault(self.mats[i][1], []).append(i)
+        self.half_groups = [(qtype, idx, tuple(self.mats[i][0] for i in idx)) for qtype, idx in halves.items()
+                            if len(idx) > 1]
+        grouped = {i for _, idx, _ in self.half_groups for i in idx}
+        self.single_float_idx = [i for i in self.float_idx if i not in grouped]
         self.float_prompts = float_prompts
         self.exact = exact
         self.all_idx = range(len(mats))
@@ -304,7 +325,20 @@ def matmul_group(group: MatmulGroup, int8: Int8Activations, x: np.ndarray, outs,
             for i in idx:
                 matmul(group.mats[i][0], group.mats[i][1], rounded, outs[i])
         else:
-            matmul_int8_group(int8_group, int8.quantize(x, layout.name), [outs[i] for i in idx])
-    for i in group.float_idx:
+            group_outs = [outs[i] for i in idx]
+            for w, out in zip(int8_group.ws, group_outs):
+                if out.shape != (x.shape[0], w.shape[0]):   # the rest holds by construction (_launch_int8)
+                    _float_out(out, (x.shape[0], w.shape[0]))
+            _launch_int8(int8_group, int8.quantize(x, layout.name), group_outs)
+    float_idx = group.float_idx
+    if x.shape[0] == 1 and group.half_groups:
+        float_idx = group.single_float_idx
+        for qtype, idx, ws in group.half_groups:
+            half_outs = tuple(outs[i] for i in idx)   # one row each: contiguous, one array type
+            for w, out in zip(ws, half_outs):
+                _float_out(out, (1, w.shape[0]))
+            xr = x if group.exact else int8.float_rounded(x, qtype)
+            mv_half_many(ws, qtype == BF16, np.ascontiguousarray(xr[0]), half_outs, F16_TO_F32)
+    for i in float_idx:
         w, qtype = group.mats[i]
         matmul(w, qtype, x if group.exact else int8.float_rounded(x, qtype), outs[i])

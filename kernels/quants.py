@@ -70,8 +70,8 @@ class QuantType:
 
 TYPES = {t.id: t for t in (
     QuantType(F32),
-    QuantType(F16, float_activations=round_rows_f16),
-    QuantType(BF16, float_activations=round_rows_bf16),
+    QuantType(F16, matvec=_matvec.mv_f16, float_activations=round_rows_f16),
+    QuantType(BF16, matvec=_matvec.mv_bf16, float_activations=round_rows_bf16),
     QuantType(Q4_0, _dequant_ext.dq_q4_0, None, Q8_0_ACT, _simd.q4_0_block),
     QuantType(Q5_1, _dequant_ext.dq_q5_1, None, Q8_0_ACT, _simd.q5_1_block),
     QuantType(Q2_K, _dequant_ext.dq_q2_k, None, Q8K, _simd.q2_k_block),

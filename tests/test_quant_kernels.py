@@ -105,7 +105,10 @@ def check_matmul(raw, qtype, x):
 
 
 def shape_for(qtype):
-    """(rows, cols): rows not a multiple of the kernels' row groups; cols spanning a partial 256-span."""
+    """(rows, cols): rows not a multiple of the kernels' row groups; cols spanning a partial 256-span,
+    and for the float types (any width) not a multiple of the 32 lanes of their matvecs."""
+    if qtype in FLOAT_TYPES:
+        return (13, 350)
     return (13, 768) if GGML_TYPES[qtype][0] == 256 else (13, 352)
 
 
@@ -281,3 +284,30 @@ def test_real_tensor(key, tensor, qtype):
     rng = np.random.default_rng(11)
     for n in (1, 5):
         check_matmul(raw, qtype, rng.standard_normal((n, cols)).astype(np.float32))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_matmul_group_of_float_matrices_equals_one_at_a_time(exact):
+    """A group's 16-bit float matrices of one type run as one launch in decode (q/k/v of a BF16
+    file); each output equals its own matmul of x rounded as llama.cpp rounds it for that type
+    (x as it is if exact), into separate outputs and column blocks of one buffer, with an F32
+    matrix in the group."""
+    from kernels.matmul import Int8Activations, MatmulGroup, matmul_group
+    rng = np.random.default_rng(7)
+    cols = 100                                   # not a multiple of 32: the scalar tail runs
+    mats = [(random_weights(t, rows, cols, rng), t) for t, rows in
+            ((BF16, 37), (BF16, 5), (F16, 19), (F16, 33), (F32, 3), (BF16, 64))]
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    int8 = Int8Activations()
+    group = MatmulGroup(mats, exact=exact)
+    for strided in (False, True):
+        wide = np.full((1, sum(w.shape[0] for w, _ in mats) + 1), np.nan, np.float32)
+        outs, at = [], 1 if strided else 0
+        for w, _ in mats:
+            outs.append(wide[:, at:at + w.shape[0]] if strided else np.full((1, w.shape[0]), np.nan, np.float32))
+            at += w.shape[0]
+        matmul_group(group, int8, x, outs)
+        for (w, t), out in zip(mats, outs):
+            want = np.empty_like(out)
+            matmul(w, t, x if exact else int8.float_rounded(x, t).copy(), want)
+            np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
