@@ -185,3 +185,28 @@ def test_files_hold_the_types_they_are_made_for(key):
     want = {"q4_0": "Q4_0", "q5_1": "Q5_1", "q5_k_m": "Q5_K", "iq4_nl": "IQ4_NL", "iq4_xs": "IQ4_XS",
             "bf16": "BF16", "q2_k": "Q2_K", "q3_k_m": "Q3_K"}[key.rsplit("-", 1)[1]]
     assert tensor_types(quantized_file(key)).get(want, 0) > 0
+
+
+@needs_llama
+@pytest.mark.model
+@pytest.mark.parametrize("key", list(QUANTIZED))
+def test_cli_run_trace_and_bisect_work_on_each_file(key, tmp_path):
+    """The commands a user runs on such a file: `run` generates, `trace` writes a stage's rows,
+    and `bisect` finds every stage of every layer in agreement with llama.cpp on it."""
+    import json
+
+    from tests.test_trace_cli import run_cli
+    from trace.aprt import read_aprt
+    path = quantized_file(key)
+    res = run_cli("run", path, "--prompt", "What is 2+2?", "--max-tokens", "4", cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip(), res.stderr
+    res = run_cli("trace", path, "--raw", "--prompt", "What is 2+2?", "--stages", "ffn_out", "--layers", "0",
+                  "--out", tmp_path / "t", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    n = len(engine_for_path(path).prompt_ids("What is 2+2?", raw=True))
+    values = read_aprt(tmp_path / "t" / "layer-0" / "ffn_out.bin").values
+    assert values.size == n * engine_for_path(path).config.dim and np.isfinite(values).all()
+    res = run_cli("bisect", path, "--raw", "--prompt", "What is 2+2?", "--json", cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    report = json.loads(res.stdout)
+    assert report["ok"] and report["first_divergence"] is None
