@@ -31,6 +31,43 @@ def _first_key(keys, window):
     return max(0, keys - window) if window > 0 else 0
 
 
+KEY_BLOCK = 256   # keys per block of the score pass: 4 key rows x 256 floats stay in L1 for all query heads
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _scores_f32(q, t, k_t, h0, group, head_dim, first, end, scores):
+    """scores[h, t, first:end] = q_h . K[:, first:end] for the query heads h0..h0+group-1 of one
+    KV head: the keys go in blocks of KEY_BLOCK, and each block's key rows, read once, serve
+    every query head of the group (the group's heads would otherwise stream the same keys once
+    each: at 4,096 positions the 1.5B's six heads per KV head read 2 MB of keys six times). Each
+    score still sums its head_dim products in order, four at a time, as a plain loop would."""
+    rows4 = head_dim - head_dim % 4
+    for kb in range(first, end, KEY_BLOCK):
+        ke = min(end, kb + KEY_BLOCK)
+        for h in range(h0, h0 + group):
+            scores[h, t, kb:ke] = 0.0
+        for i in range(0, rows4, 4):
+            k0, k1, k2, k3 = k_t[i, kb:ke], k_t[i + 1, kb:ke], k_t[i + 2, kb:ke], k_t[i + 3, kb:ke]
+            for h in range(h0, h0 + group):
+                qh = q[t, h * head_dim:(h + 1) * head_dim]
+                q0, q1, q2, q3 = qh[i], qh[i + 1], qh[i + 2], qh[i + 3]
+                s = scores[h, t, kb:ke]
+                for j in range(ke - kb):
+                    acc = s[j]
+                    acc += q0 * k0[j]
+                    acc += q1 * k1[j]
+                    acc += q2 * k2[j]
+                    acc += q3 * k3[j]
+                    s[j] = acc
+        for i in range(rows4, head_dim):
+            kr = k_t[i, kb:ke]
+            for h in range(h0, h0 + group):
+                qi = q[t, h * head_dim + i]
+                s = scores[h, t, kb:ke]
+                for j in range(ke - kb):
+                    s[j] += qi * kr[j]
+
+
 # Every loop below vectorizes across positions (q.k) or across head_dim (p.v) while each
 # sum still runs in sequential order, so "contract" (fused multiply-add) is the only
 # fast-math licence needed and results match a plain float32 loop to rounding.
@@ -52,7 +89,8 @@ def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
     only the score's own float32 rounding (~5e-4). Slower (one key at a time): exact mode.
 
     One work item is one (KV head, query) pair and serves all the query heads that
-    share that KV head, so a decode step splits evenly over the KV heads.
+    share that KV head, so a decode step splits evenly over the KV heads, and reads that KV
+    head's keys and values once for all of them (_scores_f32; the p.v pass likewise).
     """
     n = q.shape[0]
     group = n_heads // n_kv_heads
@@ -64,56 +102,44 @@ def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
         keys = pos0 + t + 1 - first                 # how many; below, key j is position first + j
         k_t, values = k_cache[kvh], v_cache[kvh][first:]   # slices of rows stay contiguous
         end = first + keys
-        for h in range(kvh * group, kvh * group + group):
-            qh = q[t, h * head_dim:(h + 1) * head_dim]
+        h0 = kvh * group
+        if not f64_scores:
+            _scores_f32(q, t, k_t, h0, group, head_dim, first, end, scores)
+        for h in range(h0, h0 + group):
             srow, prow = scores[h, t], probs[h, t]
             srow[:first] = 0.0
             prow[:first] = 0.0
-            srow, prow = srow[first:], prow[first:]
-            s = srow[:keys]
+            srow[end:] = 0.0
+            prow[end:] = 0.0
+            s, pr = srow[first:end], prow[first:end]
             if f64_scores:
+                qh = q[t, h * head_dim:(h + 1) * head_dim]
                 for j in range(keys):
                     acc64 = 0.0
                     for i in range(head_dim):
                         acc64 += np.float64(qh[i]) * np.float64(k_t[i, first + j])
                     s[j] = np.float32(acc64 * scale)
             else:
-                s[:] = 0.0
-                rows4 = head_dim - head_dim % 4
-                for i in range(0, rows4, 4):   # four key dims per pass over s, still summed in order
-                    q0, q1, q2, q3 = qh[i], qh[i + 1], qh[i + 2], qh[i + 3]
-                    k0, k1, k2, k3 = k_t[i, first:end], k_t[i + 1, first:end], k_t[i + 2, first:end], k_t[i + 3, first:end]
-                    for j in range(keys):
-                        acc = s[j]
-                        acc += q0 * k0[j]
-                        acc += q1 * k1[j]
-                        acc += q2 * k2[j]
-                        acc += q3 * k3[j]
-                        s[j] = acc
-                for i in range(rows4, head_dim):
-                    qi = qh[i]
-                    kr = k_t[i, first:end]
-                    for j in range(keys):
-                        s[j] += qi * kr[j]
                 for j in range(keys):
                     s[j] *= scale32
             mx = np.float32(-np.inf)
             for j in range(keys):
                 mx = max(mx, s[j])
             for j in range(keys):
-                prow[j] = expf(s[j] - mx)
+                pr[j] = expf(s[j] - mx)
             total = np.float32(0.0)
             for j in range(keys):
-                total += prow[j]
+                total += pr[j]
             inv = np.float32(1.0) / total
-            srow[keys:] = 0.0
-            prow[keys:] = 0.0
-            oh = out[t, h * head_dim:(h + 1) * head_dim]
-            oh[:] = 0.0
             for j in range(keys):
-                p = prow[j] * inv
-                prow[j] = p
-                vr = values[j]
+                pr[j] *= inv
+            out[t, h * head_dim:(h + 1) * head_dim] = 0.0
+        # p.v: each value row, read once, is added into every head of the group in key order
+        for j in range(keys):
+            vr = values[j]
+            for h in range(h0, h0 + group):
+                p = probs[h, t, first + j]
+                oh = out[t, h * head_dim:(h + 1) * head_dim]
                 for i in range(head_dim):
                     oh[i] += p * vr[i]
 
