@@ -8,7 +8,7 @@ Usage:
   cli bisect [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--reference-model PATH] [--min-cosine C] [--atol X] [--rtol Y] [--plot FILE] [--json] [--threads N] [--max-tokens N] [--against NAME] [--isolate]
   cli patch [MODEL] [--clean TEXT] [--corrupt TEXT] [--raw] [--no-escape] [--stage STAGE] [--layers RANGE] [--metric M] [--plot FILE] [--json] [--threads N] [--exact]
   cli lens [MODEL] [--prompt TEXT] [--raw] [--no-escape] [--top N] [--layers RANGE] [--plot FILE] [--json] [--threads N] [--exact]
-  cli bench [MODEL] [--prompt-tokens N] [--gen-tokens N] [--threads N] [--repeat N] [--vs-llama-cpp] [--json]
+  cli bench [MODEL] [--prompt-tokens N] [--gen-tokens N] [--threads N] [--repeat N] [--ctx-fill N] [--roofline] [--vs-llama-cpp] [--flash-attn MODE] [--json]
   cli tokenize TEXT [--special] [--no-escape]
   cli tokenize MODEL TEXT [--special] [--no-escape]
   cli fetch [KEY]
@@ -99,6 +99,13 @@ Options:
   --gen-tokens N     bench: greedy tokens to generate [default: 64].
   --repeat N         bench: interleaved repeats; medians are reported [default: 3].
   --vs-llama-cpp     bench: measure llama.cpp (llama-cpp-python) on the same file too.
+  --flash-attn MODE  bench: llama.cpp's flash attention: off, on, or both (two instances;
+                     ratios against the faster) [default: off].
+  --ctx-fill N       bench: decode speed with N tokens in the cache: an N-token prompt (in place
+                     of --prompt-tokens) prefilled once per engine, each repeat decoding from
+                     position N.
+  --roofline         bench: the machine's measured read bandwidth, the bytes a decode step
+                     reads, and decode as a fraction of that bound.
   --mutate           contracts: also run every test under its mutation (fail point).
   --patch SPEC       STAGE:LAYER=CAPTURE[@POSITIONS]: the stage's values replaced by those of a
                      capture (ours or llama.cpp's) of the same model; repeatable.
@@ -496,16 +503,23 @@ def cmd_inspect(args) -> int:
 
 def cmd_bench(args) -> int:
     from engine.api import Engine
-    from engine.benchmark import format_bench, llama_available, run_bench
+    from engine.benchmark import FLASH_ATTN, format_bench, llama_available, run_bench
     prompt_tokens = _int(args, "--prompt-tokens", 1, 1 << 16)
     gen_tokens = _int(args, "--gen-tokens", 1, 1 << 16)
     repeat = _int(args, "--repeat", 1, 1000)
     threads = _int(args, "--threads", 1)
+    ctx_fill = _int(args, "--ctx-fill", 1, 1 << 20) or 0
+    flash_attn = args["--flash-attn"]
+    if flash_attn not in FLASH_ATTN:
+        raise EngineError(f"--flash-attn must be one of {', '.join(FLASH_ATTN)}, got {flash_attn!r}")
+    if flash_attn != "off" and not args["--vs-llama-cpp"]:
+        raise EngineError("--flash-attn sets llama.cpp's attention: it needs --vs-llama-cpp")
     if args["--vs-llama-cpp"] and not llama_available():
         raise EngineError("--vs-llama-cpp needs llama-cpp-python (pip install llama-cpp-python==0.3.36)")
-    eng = Engine.load(args["MODEL"], n_ctx=prompt_tokens + gen_tokens + 8, threads=threads)
+    eng = Engine.load(args["MODEL"], n_ctx=(ctx_fill or prompt_tokens) + gen_tokens + 8, threads=threads)
     log = None if args["--json"] else (lambda m: print(m, file=sys.stderr))
-    result = run_bench(eng, prompt_tokens, gen_tokens, threads, repeat, vs_llama=args["--vs-llama-cpp"], log=log)
+    result = run_bench(eng, prompt_tokens, gen_tokens, threads, repeat, vs_llama=args["--vs-llama-cpp"], log=log,
+                       ctx_fill=ctx_fill, flash_attn=flash_attn, roofline=args["--roofline"])
     if args["--json"]:
         print_json(result)
     else:
