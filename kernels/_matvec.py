@@ -23,7 +23,7 @@ from numba.core.extending import intrinsic
 
 from kernels._dequant import i8, i32, q4k_scale_min, q5_high_bits, q5_pair, q6_quad
 from kernels.f16 import half
-from kernels._simd import _FAST, PREFETCH_AHEAD, _prefetch
+from kernels._simd import _FAST, PREFETCH_AHEAD, _prefetch, reduce_fadd
 
 FASTMATH = {"contract", "reassoc", "nsz"}   # no nnan/ninf: NaN and Inf propagate as in numpy
 CHUNK = 32                                  # rows per parallel work item
@@ -195,10 +195,7 @@ def _half_dot32(widen_bf16: bool, nrows: int):
                         prod = builder.fmul(builder.shuffle_vector(wf, wf, lanes), builder.shuffle_vector(xv, xv, lanes),
                                             flags=_FAST)
                         builder.store(builder.fadd(builder.load(acc), prod, flags=_FAST), acc)
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, _V16F32]),
-                                                "llvm.vector.reduce.fadd.v16f32")
-            sums = [builder.call(fn, [ir.Constant(f32, 0.0),
-                                      builder.fadd(builder.load(a0), builder.load(a1), flags=_FAST)], fastmath=_FAST)
+            sums = [reduce_fadd(builder, builder.fadd(builder.load(a0), builder.load(a1), flags=_FAST))
                     for a0, a1 in accs]
             return sums[0] if nrows == 1 else context.make_tuple(builder, signature.return_type, sums)
         ret = types.float32 if nrows == 1 else types.UniTuple(types.float32, nrows)
@@ -237,8 +234,6 @@ def _half_rows(w, bf16, x, out, r0, r1, lut):
     cols = x.shape[0]
     full = cols - cols % 32
     u2 = w.view(np.uint16)
-    bits = np.empty(1, np.uint32)
-    val = bits.view(np.float32)
     mid = r1 - (r1 - r0) % HALF_ROWS
     for r in range(r0, mid, HALF_ROWS):
         dots = _bf16_dot_rows(u2, r, x, full // 32) if bf16 else _f16_dot_rows(u2, r, x, full // 32)
@@ -246,7 +241,9 @@ def _half_rows(w, bf16, x, out, r0, r1, lut):
             out[r + k] = dots[k]
     for r in range(mid, r1):
         out[r] = _bf16_dot(u2, r, x, full // 32) if bf16 else _f16_dot(u2, r, x, full // 32)
-    if full < cols:
+    if full < cols:   # scratch for the bf16 bit move only here: no allocation per call otherwise
+        bits = np.empty(1, np.uint32)
+        val = bits.view(np.float32)
         for r in range(r0, r1):
             t = np.float32(0.0)
             for i in range(full, cols):

@@ -17,7 +17,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from kernels._matvec import chunks_of, locate_chunk
-from kernels._simd import _F32, _I64, _V8F32, _FAST, PREFETCH_AHEAD, _prefetch, _ptr
+from kernels._simd import _F32, _I64, _V8F32, _FAST, PREFETCH_AHEAD, _prefetch, _ptr, reduce_fadd
 from kernels.quants import TYPES, QuantType
 
 INT8_TYPES = tuple(t for t in TYPES.values() if t.int8_block is not None)
@@ -54,10 +54,7 @@ def _blocks_loop(context, builder, qt: QuantType, rows, nblocks, acts, tokens: i
                     _prefetch(builder, blk, PREFETCH_AHEAD + k)
             for acc, part in zip(row_accs, block_fn(builder, blk, xps, bps, xds)):
                 builder.store(builder.fadd(builder.load(acc), part, flags=_FAST), acc)
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V8F32]),
-                                        "llvm.vector.reduce.fadd.v8f32")
-    return [[builder.call(fn, [ir.Constant(_F32, 0.0), builder.load(a)], fastmath=_FAST) for a in row_accs]
-            for row_accs in accs]
+    return [[reduce_fadd(builder, builder.load(a)) for a in row_accs] for row_accs in accs]
 
 
 def _type_switch(context, builder, qtype, n_results: int, emit):

@@ -157,6 +157,13 @@ _V8F32 = ir.VectorType(_F32, 8)
 _FAST = ("reassoc", "contract", "nsz")
 
 
+def reduce_fadd(builder, vec, flags=_FAST):
+    """The sum of a float vector's lanes (llvm.vector.reduce.fadd, with `flags` licensing its order)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec.type.element, [vec.type.element, vec.type]),
+                                        f"llvm.vector.reduce.fadd.v{vec.type.count}f32")
+    return builder.call(fn, [ir.Constant(vec.type.element, 0.0), vec], fastmath=flags)
+
+
 def _f16_at(builder, base, offset: int, count: int):
     """`count` consecutive float16 values at base + offset, as floats (vcvtph2ps)."""
     vec = _load(builder, base, offset, ir.VectorType(ir.IntType(16), count))

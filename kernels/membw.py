@@ -17,6 +17,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+from kernels._simd import reduce_fadd
+
 LANES = 64   # floats per step: four 512-bit accumulators
 _V16F32 = ir.VectorType(ir.FloatType(), 16)
 
@@ -38,9 +40,7 @@ def _sum_steps(typingctx, a, start, steps):
                 builder.store(builder.fadd(builder.load(acc), vec), acc)
         total = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
                              builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), _V16F32]),
-                                            "llvm.vector.reduce.fadd.v16f32")
-        return builder.call(fn, [ir.Constant(ir.FloatType(), 0.0), total], fastmath=("reassoc",))
+        return reduce_fadd(builder, total, flags=("reassoc",))
     return types.float32(a, start, steps), codegen
 
 
