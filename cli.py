@@ -13,6 +13,8 @@ Usage:
   cli tokenize MODEL TEXT [--special] [--no-escape]
   cli fetch [KEY]
   cli inspect MODEL
+  cli collect [MODEL] --prompts FILE --out DIR [--raw] [--stages LIST] [--layers RANGE] [--max-prompt-tokens N] [--shard-tokens N] [--workers N] [--worker-threads N] [--ray] [--ray-address ADDRESS] [--exact]
+  cli export COLLECTION --format FMT --out DIR [--force]
   cli contracts [NAMES...] [--mutate] [--json]
   cli (-h | --help)
 
@@ -35,6 +37,11 @@ Commands:
   tokenize   Print token ids as a JSON list (like llama.cpp's llama-tokenize).
   fetch      Download and verify a known model into the cache (all of them without KEY).
   inspect    Print whether we can run a model (if not, what is missing; exit 1), its config and tensor types.
+  collect    Collect the selected stages of every prompt of a prompts file (one prefill forward
+             each) into resumable shards of memory-mapped APRT files, with local worker
+             processes or Ray actors; run the same command again to resume after a stop.
+  export     Write a collection as one safetensors file or an Arrow IPC stream file (what
+             Hugging Face datasets opens with Dataset.from_file); needs '.[export]'.
   contracts  Validate contracts/*.yaml and run their falsification tests; with --mutate run each
              test again under its fail point and fail if any test does not catch it.
 
@@ -70,7 +77,21 @@ Options:
   --json             Print one JSON object.
   --stages LIST      Comma list of stage names, layer_output, or all [default: all].
   --layers RANGE     Layers to capture: 0-3, 5, 0-3,7 or all [default: all].
-  --out DIR          Capture folder (default: traces/<model>-<time>).
+  --out DIR          trace: capture folder (default: traces/<model>-<time>); collect: the
+                     collection's folder (new, or one to resume); export: the file written.
+  --prompts FILE     collect: JSON Lines (.jsonl/.ndjson/.json, a "text" string per line) or plain
+                     text (one prompt per line, taken literally); blank lines are skipped.
+  --max-prompt-tokens N  collect: longer prompts are cut to their first N tokens (counted in the
+                     manifest; default: the context size, at most 32768).
+  --shard-tokens N   collect: a shard closes once it holds N tokens' rows [default: 16384].
+  --workers N        collect: local worker processes, each loading the model (default 1: this
+                     process); with --ray the Ray actors (default: the cluster's CPUs / threads).
+  --worker-threads N  collect: Numba threads per worker (default: cores / workers; 1 with --ray).
+  --ray              collect: run the shards as Ray actors, on a local Ray cluster it starts
+                     (or --ray-address's); needs '.[ray]'. `--ray ADDRESS` is --ray-address.
+  --ray-address ADDRESS  collect: a running Ray cluster (host:port, ray://host:port or auto);
+                     the output folder and the model must be at the same path on every node.
+  --format FMT       export: safetensors or arrow.
   --stats            Print and store per-stage activation statistics.
   --force            Replace the capture in a non-empty --out folder.
   --atol X           Absolute tolerance (diff: default 1e-8; bisect: off unless given).
@@ -527,6 +548,73 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_collect(args) -> int:
+    from pathlib import Path
+    from trace.collect import DEFAULT_SHARD_TOKENS, collect, collection_plan, import_ray
+    from trace.plan import PlanError, parse_stages
+    workers = _int(args, "--workers", 1, 4096)
+    threads = _int(args, "--worker-threads", 1, 4096)
+    shard_tokens = _int(args, "--shard-tokens", 1)
+    max_prompt = _int(args, "--max-prompt-tokens", 1)
+    use_ray = bool(args["--ray"] or args["--ray-address"])
+    if use_ray:
+        import_ray()   # before loading a model: say at once that Ray is missing
+    try:
+        parse_stages(args["--stages"])
+    except PlanError as e:
+        raise EngineError(str(e)) from None
+    prompts = Path(args["--prompts"])
+    if not prompts.is_file():
+        raise EngineError(f"--prompts {prompts}: no such file")
+    local = not use_ray and (workers or 1) == 1
+    eng = _load(args, threads=(threads or os.cpu_count()) if local else None)
+    plan = collection_plan(args["--stages"], args["--layers"], eng.config)
+    out = Path(args["--out"])
+    try:
+        was_complete = bool(json.loads((out / "manifest.json").read_text()).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        was_complete = False   # new, or not a collection: collect() says which
+    m = collect(eng, prompts, plan, out, raw=args["--raw"], max_prompt_tokens=max_prompt,
+                shard_tokens=shard_tokens or DEFAULT_SHARD_TOKENS, workers=workers, threads=threads,
+                ray_address=args["--ray-address"], use_ray=use_ray, model_sha256=_model_sha256(args, eng))
+    c = m["counts"]
+    if was_complete:
+        print(f"the collection in {out} is already complete ({c['prompts']} prompts, {c['tokens']} tokens)",
+              file=sys.stderr)
+    else:
+        run = m["runs"][-1]
+        print(f"collected {c['prompts']} prompts ({c['tokens']} tokens; {c['truncated_prompts']} truncated, "
+              f"{c['empty_skipped']} empty skipped) into {c['shards']} shards; this run {run['shards']} shards, "
+              f"{run['tokens']} tokens in {run['seconds']:.1f} s ({run['tok_s'] or 0:.1f} tok/s); "
+              f"{c['bytes_per_token']:.0f} bytes per token on disk", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from trace.export import export
+    r = export(args["COLLECTION"], args["--format"], args["--out"], force=args["--force"])
+    print(f"wrote {r['tokens']} rows of {r['prompts']} prompts ({', '.join(r['columns'])}) as {r['format']}: "
+          f"{r['bytes']} bytes", file=sys.stderr)
+    print(r["path"])
+    return 0
+
+
+def _ray_address_argument(argv: list[str]) -> list[str]:
+    """`collect ... --ray ADDRESS` as `--ray --ray-address ADDRESS` (docopt has no optional
+    option arguments); ADDRESS is host:port, ray://..., or auto."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        out.append(a)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if a == "--ray" and nxt is not None and not nxt.startswith("-") and (":" in nxt or nxt == "auto"):
+            out += ["--ray-address", nxt]
+            i += 1
+        i += 1
+    return out
+
+
 def cmd_contracts(args) -> int:
     from contracts.runner import main as contracts_main
     return contracts_main(args["NAMES"], mutate=args["--mutate"], as_json=args["--json"])
@@ -610,18 +698,22 @@ def cmd_lens(args) -> int:
 COMMANDS = {"run": cmd_run, "score": cmd_score, "trace": cmd_trace, "diff": cmd_diff, "bisect": cmd_bisect, "lens": cmd_lens,
             "patch": cmd_patch,
             "tokenize": cmd_tokenize, "fetch": cmd_fetch, "bench": cmd_bench,
-            "inspect": cmd_inspect, "contracts": cmd_contracts}
+            "inspect": cmd_inspect, "collect": cmd_collect, "export": cmd_export, "contracts": cmd_contracts}
 
 
 def main(argv=None) -> int:
     from docopt import DocoptExit, docopt
+    real = argv is None   # the real command line, not a test calling main()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "collect" in argv[:1]:
+        argv = _ray_address_argument(argv)
     try:
         args = docopt(__doc__, argv=argv, default_help=True)
     except DocoptExit:
         print("error: invalid command line; see `python -m cli --help` for usage", file=sys.stderr)
         return 2
     from engine.errors import Terminated, install_signal_handlers
-    if argv is None:  # the real command line, not a test calling main(): own the process's signals
+    if real:  # own the process's signals
         install_signal_handlers()
     try:
         for name, fn in COMMANDS.items():

@@ -40,6 +40,10 @@ CATALOGUE: dict[str, str] = {
     "forward.no_sliding_window": "sliding-window layers attend to every earlier position (no window)",
     "session.stale_cache": "a new session reuses its engine's previous session's KV cache and does not rewrite "
                            "the positions that session left",
+    "collect.row_offset": "a collection shard writes each prompt after its first one row before its own rows",
+    "collect.publish_early": "a collection shard is computed under its final folder name, with its shard.json "
+                             "written first, so a stopped shard looks finished",
+    "collect.no_identity_check": "collect resumes into an --out made with another model, plan or prompts file",
     "cli.tokenize_special": "`cli tokenize --special` does not parse special tokens",
 }
 

@@ -85,7 +85,16 @@ def default_out_dir(name: str, root: Path = Path("traces"), now: float | None = 
     return out
 
 
-class _Recorder:
+def check_computed(plan: TracePlan, requested) -> None:
+    """Raise unless the forward asked its sink for every (stage, layer) the plan captures."""
+    missing = [k for k in planned_keys(plan) if k not in requested]
+    if missing:
+        stage, layer = missing[0]
+        raise EngineError(f"the forward never computed stage {stage}" + ("" if layer is None else
+                          f" of layer {layer}") + f" ({len(missing)} planned files missing)")
+
+
+class Recorder:
     """Wraps a sink: records every (stage, layer) the forward asks for; reports progress per layer."""
 
     def __init__(self, sink, n_layers: int, progress: bool):
@@ -151,16 +160,12 @@ def capture(engine, ids: list[int], plan: TracePlan, out: Path, prompt: str, wit
     check_ids(ids, cfg)
     session = engine.new_session(n_ctx=len(ids))  # its own KV cache: the engine's sessions are left alone
     sink = TraceSink(out, plan, cfg.n_layers)
-    recorder = _Recorder(sink, cfg.n_layers, progress)
+    recorder = Recorder(sink, cfg.n_layers, progress)
     t0 = time.perf_counter()
     try:
         try:
             session.forward_view(ids, 0, sink=recorder, all_logits=all_logits, hooks=hooks)
-            missing = [k for k in planned_keys(plan) if k not in recorder.requested]
-            if missing:
-                stage, layer = missing[0]
-                raise EngineError(f"the forward never computed stage {stage}" + ("" if layer is None else
-                                  f" of layer {layer}") + f" ({len(missing)} planned files missing)")
+            check_computed(plan, recorder.requested)
         except BaseException:
             sink.abort()
             raise
@@ -250,7 +255,7 @@ def capture_generation(engine, ids: list[int], plan: TracePlan, out: Path, promp
     sampler = sampler or Sampler()
     session = engine.new_session(n_ctx=n_ctx)
     sink = GenerationSink(out, plan, cfg, n_rows, n_prompt)
-    recorder = _Recorder(sink, cfg.n_layers, progress=False)
+    recorder = Recorder(sink, cfg.n_layers, progress=False)
     session.sink = recorder
     stats, generated = GenStats(), []
     t0 = time.perf_counter()
@@ -265,11 +270,7 @@ def capture_generation(engine, ids: list[int], plan: TracePlan, out: Path, promp
                 if progress:
                     sys.stderr.write(f"\rtraced {len(generated)}/{max_tokens} tokens")
                     sys.stderr.flush()
-            missing = [k for k in planned_keys(plan) if k not in recorder.requested]
-            if missing:
-                stage, layer = missing[0]
-                raise EngineError(f"the forward never computed stage {stage}" + ("" if layer is None else
-                                  f" of layer {layer}") + f" ({len(missing)} planned files missing)")
+            check_computed(plan, recorder.requested)
             n_computed = session.pos
             if n_computed != n_prompt + len(generated) - 1:
                 raise EngineError(f"internal: {n_computed} positions computed for {n_prompt} prompt and "

@@ -313,3 +313,72 @@ def _cut(f: _GenFile, n_rows: int, n_logit_rows: int) -> tuple[int, ...]:
         fh.seek(0)
         fh.write(header_bytes(f.partial, f.layer, count))
     return shape
+
+
+class ShardSink(_PlannedSink):
+    """A sink for one shard of a dataset collection: one APRT file ``[n_rows, width]`` per
+    planned per-token (stage, layer), holding the rows of several prompts one after another.
+
+    Each prompt is one prefill forward from position 0; ``start_prompt(row0)`` says where its
+    rows begin in the shard, and every forward gets a memory-mapped window of exactly its rows
+    (``row0 + pos0 .. row0 + pos0 + n - 1``), so the kernels compute straight into the file. The
+    files live in the shard's folder (a ``.partial`` one until trace.collect publishes it by
+    renaming the folder); they are created at their full size by ``create()``. Attention
+    ([heads, T, T]) and lm_head (one row per prompt) are not per-token stages: trace.collect
+    refuses them before a sink is made.
+    """
+
+    def __init__(self, out_dir, plan, cfg, n_rows: int):
+        bad = [layer for layer in plan.layers if not 0 <= layer < cfg.n_layers]
+        if bad:
+            raise ValueError(f"plan layer {bad[0]} is out of range: the model has {cfg.n_layers} layers")
+        not_rows = [s for s in plan.stages if s in ATTENTION_STAGES or s == "lm_head"]
+        if not_rows:
+            raise ValueError(f"stage {not_rows[0]} has no row per token; a shard holds per-token stages only")
+        super().__init__()
+        self.out_dir, self.plan, self.cfg, self.n_rows = Path(out_dir), plan, cfg, n_rows
+        self.files = {key: _GenFile(*key, stage_path(self.out_dir, *key), stage_file_shape(key[0], cfg, n_rows, 0))
+                      for key in planned_keys(plan)}
+        self._row0, self._pos0, self._n = 0, 0, 0
+        self._maps: list = []
+
+    def create(self) -> None:
+        """Create every file of the shard at its full size (then unmapped until a forward asks)."""
+        for f in self.files.values():
+            f.path.parent.mkdir(parents=True, exist_ok=True)
+            create_aprt(f.path, f.layer, math.prod(f.shape))
+
+    def start_prompt(self, row0: int) -> None:
+        """The next prompt's rows start at row0 of the shard."""
+        self._row0 = row0
+
+    def begin(self, pos0: int, n: int) -> None:
+        """The next forward runs n tokens at positions pos0..pos0+n-1 of the current prompt."""
+        if self._row0 + pos0 + n > self.n_rows:
+            raise ValueError(f"a forward at rows {self._row0 + pos0}..{self._row0 + pos0 + n - 1} is past the "
+                             f"shard's {self.n_rows} rows")
+        self._maps, self._requested = [], set()
+        self._pos0, self._n = pos0, n
+
+    def buffer(self, stage: str, layer: int | None, shape: tuple) -> np.ndarray:
+        """The float32 array of `shape` the forward computes (stage, layer) into."""
+        self._claim(stage, layer)
+        f = self.files.get((stage, layer))
+        if f is None:
+            return self._scratch.buffer(stage, layer, shape)
+        want = (self._n, f.shape[1])
+        if tuple(shape) != want:
+            raise ValueError(f"stage {stage} layer {layer}: the forward asked for {tuple(shape)}, the shard "
+                             f"expects {want}")
+        row = self._row0 + self._pos0
+        if failpoints.active("collect.row_offset") and self._row0 > 0:
+            row -= 1
+        body = np.memmap(f.path, dtype=DTYPE, mode="r+", offset=HEADER.size + 4 * row * f.row_floats, shape=want)
+        self._maps.append(body)
+        return body
+
+    def finish(self) -> None:
+        """Write the last forward's rows back to the files (the folder is published by the caller)."""
+        for body in self._maps:
+            body.flush()
+        self._maps = []
