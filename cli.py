@@ -83,7 +83,8 @@ Options:
                      text (one prompt per line, taken literally); blank lines are skipped.
   --max-prompt-tokens N  collect: longer prompts are cut to their first N tokens (counted in the
                      manifest; default: the context size, at most 32768).
-  --shard-tokens N   collect: a shard closes once it holds N tokens' rows [default: 16384].
+  --shard-tokens N   collect: a shard closes once it holds N tokens' rows (default: the
+                     dataset's tokens / 64, from 512 to 16384).
   --workers N        collect: local worker processes, each loading the model (default 1: this
                      process); with --ray the Ray actors (default: the cluster's CPUs / threads).
   --worker-threads N  collect: Numba threads per worker (default: cores / workers; 1 with --ray).
@@ -550,7 +551,7 @@ def cmd_bench(args) -> int:
 
 def cmd_collect(args) -> int:
     from pathlib import Path
-    from trace.collect import DEFAULT_SHARD_TOKENS, collect, collection_plan, import_ray
+    from trace.collect import collect, collection_plan, import_ray
     from trace.plan import PlanError, parse_stages
     workers = _int(args, "--workers", 1, 4096)
     threads = _int(args, "--worker-threads", 1, 4096)
@@ -575,7 +576,7 @@ def cmd_collect(args) -> int:
     except (OSError, ValueError, AttributeError):
         was_complete = False   # new, or not a collection: collect() says which
     m = collect(eng, prompts, plan, out, raw=args["--raw"], max_prompt_tokens=max_prompt,
-                shard_tokens=shard_tokens or DEFAULT_SHARD_TOKENS, workers=workers, threads=threads,
+                shard_tokens=shard_tokens, workers=workers, threads=threads,
                 ray_address=args["--ray-address"], use_ray=use_ray, model_sha256=_model_sha256(args, eng))
     c = m["counts"]
     if was_complete:

@@ -4,7 +4,7 @@ The examples are the `python -m cli ...`, `numgguf ...` and `python -c ...` (mak
 file for the next line) lines of the README's ```sh blocks (grammar lines with [OPTIONS]
 placeholders are not examples). Each runs in order in one
 temporary folder, with three substitutions that keep the suite fast and self-contained:
-- a forward-running command that names no model (run, score, trace, bisect) gets the small
+- a forward-running command that names no model (run, score, trace, bisect, collect) gets the small
   model, and `path/to/model.gguf` becomes the small model's file;
 - `/tmp/` becomes the test's temporary folder;
 - `bench` and `contracts` are not run here (a measurement and the whole suite again).
@@ -27,7 +27,7 @@ import pytest
 from tests.conftest import REPO, model_file
 
 SMALL = "smollm2-135m-q4_1"
-FORWARD_COMMANDS = {"run", "score", "trace", "bisect"}
+FORWARD_COMMANDS = {"run", "score", "trace", "bisect", "collect"}
 NOT_RUN = {"bench", "contracts"}
 
 

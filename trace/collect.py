@@ -42,7 +42,7 @@ import numpy as np
 from engine import failpoints
 from engine.errors import EngineError
 from trace.plan import ATTENTION_STAGES, TracePlan, planned_keys
-from trace.capture import Recorder, _named, check_computed, file_sha256, plan_for_model
+from trace.capture import Recorder, _named, _write_json_atomic, check_computed, file_sha256, plan_for_model
 from trace.sink import ShardSink
 
 FORMAT = "numgguf-collection"
@@ -50,7 +50,16 @@ VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".collect.lock"
 SHARD_JSON = "shard.json"
-DEFAULT_SHARD_TOKENS = 16384
+MAX_AUTO_SHARD_TOKENS = 16384   # the default shard size: total tokens / 64, within [512, 16384]
+MIN_AUTO_SHARD_TOKENS = 512
+AUTO_SHARDS = 64
+
+
+def auto_shard_tokens(total_tokens: int) -> int:
+    """The default --shard-tokens for a dataset of total_tokens: about AUTO_SHARDS shards (enough
+    to keep many workers busy and to lose little on a stop), each 512 to 16,384 tokens. It
+    depends on the dataset only, so a collection resumes with any number of workers."""
+    return min(MAX_AUTO_SHARD_TOKENS, max(MIN_AUTO_SHARD_TOKENS, -(-total_tokens // AUTO_SHARDS)))
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
@@ -235,12 +244,6 @@ def _mismatch(out: Path, old: dict, new: dict) -> str | None:
             return (f"--out {out} holds a collection with another {name} ({_short(old.get(key))} there, "
                     f"{_short(new.get(key))} here); use a new --out, or the command that made it to resume")
     return None
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(obj, indent=1, allow_nan=False))
-    os.replace(partial, path)
 
 
 class _Lock:
@@ -523,7 +526,7 @@ def _run_ray(engine, plan, out, todo, prompts, progress, on_shard, workers, thre
 
 # -- the collection --------------------------------------------------------------------------
 def collect(engine, prompts_path, plan: TracePlan, out, raw: bool = False, max_prompt_tokens: int | None = None,
-            shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None, threads: int | None = None,
+            shard_tokens: int | None = None, workers: int | None = None, threads: int | None = None,
             ray_address: str | None = None, use_ray: bool = False, model_sha256: str | None = None,
             progress: bool = True) -> dict:
     """Collect `plan`'s stages for every prompt of `prompts_path` into shards under `out`
@@ -535,7 +538,7 @@ def collect(engine, prompts_path, plan: TracePlan, out, raw: bool = False, max_p
     check_plan(plan)
     out = Path(out)
     prompts_path = Path(prompts_path)
-    if shard_tokens < 1:
+    if shard_tokens is not None and shard_tokens < 1:
         raise EngineError(f"--shard-tokens must be >= 1, got {shard_tokens}")
     n_ctx = engine.n_ctx
     max_prompt_tokens = n_ctx if max_prompt_tokens is None else max_prompt_tokens
@@ -552,16 +555,17 @@ def collect(engine, prompts_path, plan: TracePlan, out, raw: bool = False, max_p
     identity = {"model_sha256": model_sha256 or file_sha256(engine.path), "arch": engine.config.arch,
                 "stages": list(plan.stages), "layers": list(plan.layers), "raw": bool(raw),
                 "exact": bool(engine.model.exact), "max_prompt_tokens": max_prompt_tokens,
-                "shard_tokens": shard_tokens, "prompts_sha256": file_sha256(prompts_path)}
+                "prompts_sha256": file_sha256(prompts_path)}
     out.mkdir(parents=True, exist_ok=True)
     lock = _Lock(out)
     try:
         prompts, empty = tokenize_prompts(engine, lines, raw, max_prompt_tokens, progress)
         if not prompts:
             raise EngineError(f"--prompts {prompts_path}: no prompt has any token")
-        shards = plan_shards([len(p.ids) for p in prompts], shard_tokens)
-        manifest, done = open_out(out, identity, shards)
         total_tokens = sum(len(p.ids) for p in prompts)
+        identity["shard_tokens"] = auto_shard_tokens(total_tokens) if shard_tokens is None else shard_tokens
+        shards = plan_shards([len(p.ids) for p in prompts], identity["shard_tokens"])
+        manifest, done = open_out(out, identity, shards)
         if manifest is None:
             cfg = engine.config
             manifest = {
