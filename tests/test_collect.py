@@ -229,3 +229,14 @@ def test_export_arrow_and_safetensors(local, tmp_path):
     assert np.array_equal(t["final_norm"], np.asarray(coll["final_norm"]))
     assert np.array_equal(t["offsets"], coll.offsets) and np.array_equal(t["token_ids"], coll.token_ids)
     assert_one_line_error(run_cli("export", local[0], "--format", "arrow", "--out", tmp_path / "c.arrow"), "--force")
+
+
+def test_ray_missing_or_shadowed_is_one_line(monkeypatch):
+    """Without Ray (or with only a folder named ray on sys.path, as Ray's /tmp/ray session folder
+    is when run from /tmp) --ray says what to install."""
+    import types
+    from engine.errors import EngineError
+    from trace.collect import import_ray
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
+    with pytest.raises(EngineError, match=r"pip install 'numgguf\[ray\]'"):
+        import_ray()

@@ -463,7 +463,11 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise EngineError("--ray needs Ray: pip install 'numgguf[ray]'") from None
+        ray = None
+    # a folder named ray on sys.path (Ray's own session folder /tmp/ray, when run from /tmp)
+    # imports as an empty namespace package
+    if ray is None or not hasattr(ray, "remote"):
+        raise EngineError("--ray needs Ray: pip install 'numgguf[ray]'")
     return ray
 
 
