@@ -240,3 +240,13 @@ def test_ray_missing_or_shadowed_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
     with pytest.raises(EngineError, match=r"pip install 'numgguf\[ray\]'"):
         import_ray()
+
+
+def test_ray_takes_an_optional_address():
+    """`--ray ADDRESS` (host:port, ray://..., auto) is --ray-address; a bare --ray is left alone."""
+    from cli import _ray_address_argument
+    base = ["collect", "--prompts", "p.txt", "--out", "o"]
+    assert _ray_address_argument(base + ["--ray", "10.0.0.5:6379"]) == base + ["--ray", "--ray-address", "10.0.0.5:6379"]
+    assert _ray_address_argument(base + ["--ray", "auto"])[-2:] == ["--ray-address", "auto"]
+    assert _ray_address_argument(["collect", "--ray", "model.gguf"] + base[1:]) == ["collect", "--ray", "model.gguf"] + base[1:]
+    assert _ray_address_argument(base + ["--ray"]) == base + ["--ray"]
