@@ -9,9 +9,13 @@ Bounds, as in test_parity_llamacpp.py: max and mean 1.4x the difference of our e
 forward from llama.cpp on the short prompts here (exact: max 0.881, mean 0.175, cosine >=
 0.99974); cosine 1 - 1.4x the default forward's worst (0.99960: it rounds activations as
 llama.cpp does, which moves this model's logits about as much as not rounding them). The
-default forward measures max 1.164 / mean 0.235 / cosine >= 0.99960 on the short prompts and
-max 0.669 / mean 0.109 / cosine 0.99984 on LONG (1,120 tokens, past the window). Without the
-window (fail point forward.no_sliding_window) LONG falls to cosine 0.869.
+default forward measures max 1.164 / mean 0.235 / cosine >= 0.99960 on the short prompts.
+Prompts past the window are noisier, for llama.cpp itself too, so they have their own bounds,
+1.4x the worst of seven held-out passages of 884-1,161 tokens (READMEs and DESIGN.md, cut at
+3,500 characters): ours vs llama.cpp max <= 1.105, mean <= 0.290, cosine >= 0.99928; llama.cpp
+against itself (n_ubatch 2048 vs 7, on three of them) max <= 1.004, mean <= 0.259, cosine >=
+0.99947. LONG (1,121 tokens) measures 0.894 / 0.2235 / 0.99962. Without the window (fail point
+forward.no_sliding_window) LONG falls to cosine 0.869.
 MARGIN 1.0: a near-tie below that is not a disagreement (the logits of both engines move by
 up to ~1 on this model's 262k-entry vocabulary under float32 vs int8 activations).
 """
@@ -26,12 +30,15 @@ from tests.test_llama_trace import needs_llama
 KEY = "gemma3-270m-q4_k_m"
 MARGIN = 1.0
 LOGIT_MAX_ABS, LOGIT_MEAN_ABS, LOGIT_COSINE = 1.23, 0.245, 0.99944
+LONG_MAX_ABS, LONG_MEAN_ABS, LONG_COSINE = 1.55, 0.41, 0.99899   # prompts past the window (see above)
 PROMPTS = {
     "france": "The capital of France is",
     "code": 'import math\n\ndef is_prime(n: int) -> bool:\n    """',
     "prose": "The history of the printing press begins in",
     # past the 512-position window: the sliding-window layers must forget the start
-    "long": (REPO / "README.md").read_text()[:3500] + "\n\nIn summary, this tool",
+    # (a fixed 3,500-character technical passage, an old README's start: a test input must not
+    # change when the docs do)
+    "long": (REPO / "tests" / "data" / "gemma3_long_prompt.txt").read_text() + "\n\nIn summary, this tool",
 }
 STEPS = 12
 _STATE: dict = {}
@@ -89,7 +96,9 @@ def test_config_from_metadata():
 def test_last_position_logits_close(name):
     r = compare(name)
     print(f"{name}: {len(r['ids'])} tokens, max {r['max']:.3f} mean {r['mean']:.4f} cosine {r['cosine']:.5f}")
-    assert r["max"] <= LOGIT_MAX_ABS and r["mean"] <= LOGIT_MEAN_ABS and r["cosine"] >= LOGIT_COSINE, \
+    max_abs, mean_abs, cosine = (LONG_MAX_ABS, LONG_MEAN_ABS, LONG_COSINE) if name == "long" else \
+        (LOGIT_MAX_ABS, LOGIT_MEAN_ABS, LOGIT_COSINE)
+    assert r["max"] <= max_abs and r["mean"] <= mean_abs and r["cosine"] >= cosine, \
         f"max {r['max']:.3f} mean {r['mean']:.4f} cosine {r['cosine']:.5f}"
 
 
