@@ -407,6 +407,7 @@ def _pair_splats(builder, scales16, group: int):
 # ggml's kvalues_iq4nl (kernels/_dequant_ext.IQ4NL_VALUES), and their absolute values
 _IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 _IQ4NL_ABS = tuple(abs(v) for v in _IQ4NL)
+_IQ4NL_BIASED = tuple(v ^ -128 for v in _IQ4NL)   # the bytes of v + 128 (1..241), as int8 constants
 
 
 def q4_0_block(builder, blk, xps, bps, xds):
@@ -452,11 +453,27 @@ def q5_1_block(builder, blk, xps, bps, xds):
 
 def iq4_nl_block(builder, blk, xps, bps, xds):
     """One IQ4_NL block (f16 d, 16 nibble bytes indexing kvalues_iq4nl) per token:
-    d*xd*dot(kv[q], x) as <8 x float>. The table lookup is vpshufb; the signed product goes
-    through |kv[q]| * (x with kv[q]'s sign), as ggml's mul_sum_i8_pairs."""
+    d*xd*dot(kv[q], x) as <8 x float>. The table lookup is vpshufb.
+
+    With VNNI the table is biased by 128 to unsigned bytes (1..241), which vpdpbusd takes as
+    they are, and dot(kv[q], x) = dot(kv[q] + 128, x) - dot(128, x), the same integer. The
+    second dot depends on the token only, so LLVM computes it once for the four rows of a
+    rows_dot: one shuffle-port instruction (vpshufb) per row and block, where the sign route
+    takes two (vpshufb for kv[q], vpshufb for |kv[q]|). vpmaddubsw would saturate on the
+    biased bytes (241*127*2 > 32767), so without VNNI the signed product goes through
+    |kv[q]| * (x with kv[q]'s sign), as ggml's mul_sum_i8_pairs."""
     q = _nibbles32(builder, blk, 2)
-    w, w_abs = _lut16(builder, _IQ4NL, q), _lut16(builder, _IQ4NL_ABS, q)
     d = _scalar_f16(builder, blk, 0)
+    if HAS_VNNI:
+        w = _lut16(builder, _IQ4NL_BIASED, q)
+        bias = _splat(_V32I8, -128)   # the byte 0x80: 128 as vpdpbusd's unsigned operand
+        parts = []
+        for xp, xd in zip(xps, xds):
+            x = _load(builder, xp, 0, _V32I8)
+            dot = builder.sub(_dot_u8s8(builder, w, x), _dot_u8s8(builder, bias, x))
+            parts.append(_scaled(builder, dot, d, xd))
+        return parts
+    w, w_abs = _lut16(builder, _IQ4NL, q), _lut16(builder, _IQ4NL_ABS, q)
     return [_scaled(builder, _dot_u8s8(builder, w_abs, _psign(builder, _load(builder, xp, 0, _V32I8), w)), d, xd)
             for xp, xd in zip(xps, xds)]
 
