@@ -250,3 +250,23 @@ def test_ray_takes_an_optional_address():
     assert _ray_address_argument(base + ["--ray", "auto"])[-2:] == ["--ray-address", "auto"]
     assert _ray_address_argument(["collect", "--ray", "model.gguf"] + base[1:]) == ["collect", "--ray", "model.gguf"] + base[1:]
     assert _ray_address_argument(base + ["--ray"]) == base + ["--ray"]
+
+
+def test_shard_sink_hands_out_windows_of_the_files(eng, tmp_path):
+    """Zero copy: a planned stage's buffer is a memory map of the shard file at the prompt's rows."""
+    from trace.sink import ShardSink
+    cfg = eng.config
+    sink = ShardSink(tmp_path, collection_plan("ffn_swigl", "3", cfg), cfg, n_rows=10)
+    sink.create()
+    sink.start_prompt(6)
+    sink.begin(1, 2)
+    buf = sink.buffer("ffn_swigl", 3, (2, cfg.ffn_dim))
+    assert isinstance(buf, np.memmap) and str(buf.filename) == str((tmp_path / "layer-3" / "ffn_swigl.bin").resolve())
+    buf[:] = np.arange(2 * cfg.ffn_dim, dtype=np.float32).reshape(2, -1)
+    assert not isinstance(sink.buffer("attn_norm", 3, (2, cfg.dim)), np.memmap)   # unplanned: scratch
+    sink.finish()
+    rows = np.fromfile(tmp_path / "layer-3" / "ffn_swigl.bin", dtype="<f4", offset=12).reshape(10, -1)
+    assert np.array_equal(rows[7:9], np.arange(2 * cfg.ffn_dim, dtype=np.float32).reshape(2, -1))
+    assert not rows[:7].any() and not rows[9:].any()
+    with pytest.raises(ValueError, match="past the shard"):
+        sink.begin(3, 2)
