@@ -41,8 +41,8 @@ import numpy as np
 
 from engine import failpoints
 from engine.errors import EngineError
-from trace.plan import ATTENTION_STAGES, TracePlan, planned_keys
 from trace.capture import Recorder, _named, _write_json_atomic, check_computed, file_sha256, plan_for_model
+from trace.plan import ATTENTION_STAGES, TracePlan, planned_keys
 from trace.sink import ShardSink
 
 FORMAT = "numgguf-collection"
@@ -624,11 +624,6 @@ def collect(engine, prompts_path, plan: TracePlan, out, raw: bool = False, max_p
 def _width(stage: str, cfg) -> int:
     from trace.sink import stage_file_shape
     return stage_file_shape(stage, cfg, 1, 1)[1]
-
-
-def row_bytes(manifest: dict) -> int:
-    """Bytes of activations per token a collection's plan writes (headers aside)."""
-    return 4 * sum(f["width"] for f in manifest["files"])
 
 
 
