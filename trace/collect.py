@@ -345,11 +345,6 @@ class _Progress:
         sys.stderr.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
         sys.stderr.flush()
 
-    @property
-    def tok_s(self) -> float:
-        dt = time.perf_counter() - self.t0
-        return self.run_t / dt if dt > 0 else 0.0
-
 
 # -- running the shards ----------------------------------------------------------------------
 def _run_here(engine, plan, out, todo, prompts, progress, on_shard):
@@ -357,6 +352,24 @@ def _run_here(engine, plan, out, todo, prompts, progress, on_shard):
         rec = compute_shard(engine, plan, out, spec, prompts[spec.first:spec.first + spec.n_prompts],
                             on_prompt=lambda n: progress.add(1, n))
         on_shard(rec)
+
+
+class ShardWorker:
+    """A worker's state: one loaded model computing shards into `out`. A local worker process
+    holds one; as a Ray actor (made one by _run_ray, so that importing this module needs no Ray)
+    it writes into a folder every node shares."""
+
+    def __init__(self, model_path, exact, threads, stages, layers, out):
+        from engine.api import Engine, set_threads
+        set_threads(threads)
+        self.engine = Engine(Path(model_path), exact=exact)
+        self.plan, self.out = TracePlan(stages, layers), Path(out)
+
+    def run(self, spec, prompts) -> dict:
+        try:
+            return compute_shard(self.engine, self.plan, self.out, spec, prompts)
+        except EngineError as e:
+            raise RuntimeError(str(e)) from None
 
 
 def _local_worker(model_path, exact, threads, stages, layers, out, tasks, events):
@@ -368,13 +381,11 @@ def _local_worker(model_path, exact, threads, stages, layers, out, tasks, events
     if os.getppid() != parent:   # the driver died before prctl took effect
         os._exit(1)
     try:
-        from engine.api import Engine, set_threads
-        set_threads(threads)
-        eng = Engine(Path(model_path), exact=exact)
-        plan = TracePlan(stages, layers)
+        worker = ShardWorker(model_path, exact, threads, stages, layers, out)
         while (task := tasks.get()) is not None:
             spec, prompts = task
-            rec = compute_shard(eng, plan, Path(out), spec, prompts, on_prompt=lambda n: events.put(("prompt", n)))
+            rec = compute_shard(worker.engine, worker.plan, worker.out, spec, prompts,
+                                on_prompt=lambda n: events.put(("prompt", n)))
             events.put(("shard", rec))
     except BaseException as e:  # noqa: BLE001  (reported to the driver, which stops the collection)
         events.put(("error", f"{type(e).__name__}: {e}" if not isinstance(e, EngineError) else str(e)))
@@ -442,23 +453,6 @@ def _run_local(engine, plan, out, todo, prompts, progress, on_shard, workers, th
                 p.join()
 
 
-class ShardWorker:
-    """A Ray actor's state: one loaded model computing shards into a shared `out` folder
-    (made a Ray actor by trace.collect, so that importing this module needs no Ray)."""
-
-    def __init__(self, model_path, exact, threads, stages, layers, out):
-        from engine.api import Engine, set_threads
-        set_threads(threads)
-        self.engine = Engine(Path(model_path), exact=exact)
-        self.plan, self.out = TracePlan(stages, layers), Path(out)
-
-    def run(self, spec, prompts) -> dict:
-        try:
-            return compute_shard(self.engine, self.plan, self.out, spec, prompts)
-        except EngineError as e:
-            raise RuntimeError(str(e)) from None
-
-
 def import_ray():
     try:
         import ray
@@ -482,6 +476,7 @@ def _run_ray(engine, plan, out, todo, prompts, progress, on_shard, workers, thre
         except Exception as e:  # noqa: BLE001  (Ray raises many kinds: ConnectionError, RuntimeError, ...)
             raise EngineError(f"--ray {address or '(local)'}: cannot start or reach the Ray cluster: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    actors = []
     try:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         fit = cpus // threads
@@ -522,7 +517,7 @@ def _run_ray(engine, plan, out, todo, prompts, progress, on_shard, workers, thre
                 if pending:
                     submit(actor)
     finally:
-        for a in locals().get("actors", []):
+        for a in actors:
             ray.kill(a)
         if started:
             ray.shutdown()
