@@ -26,8 +26,10 @@ delete kernels/__pycache__/*.nb[ic] or the kernels that inline them keep running
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
+from kernels import _mm_panel
 from kernels._gemm import gemm, mv_float
 from kernels._matvec import mv_half_many
 from kernels._mm_int8 import mm_q8
@@ -191,6 +193,10 @@ class Int8Group:
         self.ws = tuple(ws)
         self.qtypes = tuple(qtype for _, qtype in mats)
         self.cols = cols.pop()
+        # prompts run the matrices whose type has a panel decoder through the panel GEMM
+        self.panel_idx = [i for i, qtype in enumerate(self.qtypes)
+                          if _mm_panel.available and self.kind == Q8K and TYPES[qtype].panel is not None]
+        self.rest_idx = [i for i in range(len(ws)) if i not in self.panel_idx]
 
     @staticmethod
     def ready(mats) -> bool:
@@ -218,16 +224,37 @@ def matmul_int8_group(group: Int8Group, xq: tuple[np.ndarray, np.ndarray, np.nda
     _launch_int8(group, xq, outs)
 
 
+PANEL_MIN_TOKENS = 6   # from this many rows the panel GEMM beats mm_q8 (measured on 1.5B shapes: even at 4, 1.3-1.8x at 6)
+_panel_scratch: dict[int, tuple] = {}
+
+
+def _launch(kernel, ws, qtypes, xq, outs, *extra) -> None:
+    """One parallel launch of `kernel` over the matrices, or one per matrix when the outputs mix
+    array layouts (one launch needs one output array type)."""
+    q, d, sums = xq
+    if len({o.flags.c_contiguous for o in outs}) > 1:
+        for w, qtype, out in zip(ws, qtypes, outs):
+            kernel((w,), (qtype,), q, d, sums, (out,), *extra)
+    else:
+        kernel(tuple(ws), tuple(qtypes), q, d, sums, tuple(outs), *extra)
+
+
 def _launch_int8(group: Int8Group, xq, outs) -> None:
     """matmul_int8_group without the checks, for callers whose arguments are right by
     construction (matmul_group: the forward's own buffers; ~4 us a call, hundreds of calls a
-    decode step)."""
-    q, d, sums = xq
-    if len({o.flags.c_contiguous for o in outs}) > 1:   # one launch needs one output array type
-        for w, qtype, out in zip(group.ws, group.qtypes, outs):
-            mm_q8((w,), (qtype,), q, d, sums, (out,))
+    decode step). Prompts of PANEL_MIN_TOKENS rows or more run the panel GEMM where the
+    weight type has one (kernels/_mm_panel.py), the rest mm_q8."""
+    rest = group.rest_idx
+    if group.panel_idx and xq[0].shape[0] >= PANEL_MIN_TOKENS:
+        scratch = _panel_scratch.get(group.cols)
+        if scratch is None:   # per-thread panel buffers, kept for the next prompt of this width
+            scratch = _panel_scratch[group.cols] = _mm_panel.scratch(group.cols, numba.config.NUMBA_NUM_THREADS)
+        for i in group.panel_idx:   # one matrix a launch: one compiled signature, not one per group shape
+            _mm_panel.mm_panels(group.ws[i], group.qtypes[i], *xq, outs[i], *scratch)
     else:
-        mm_q8(group.ws, group.qtypes, q, d, sums, tuple(outs))
+        rest = range(len(group.ws))
+    if rest:
+        _launch(mm_q8, [group.ws[i] for i in rest], [group.qtypes[i] for i in rest], xq, [outs[i] for i in rest])
 
 
 def matmul_int8(w, qtype: int, xq: tuple[np.ndarray, np.ndarray, np.ndarray], out: np.ndarray) -> None:

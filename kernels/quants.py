@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kernels import _dequant, _dequant_ext, _matvec, _simd
+from kernels import _dequant, _dequant_ext, _matvec, _panels, _simd
 from kernels._q8 import quantize_q8_0, quantize_q8k, round_rows_bf16, round_rows_f16
 from kernels.ggml import (BF16, F16, F32, FORMAT, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0,  # noqa: F401
                           Q5_1, Q5_K, Q6_K, Q8_0, Q8_K, block_shape, type_name)
@@ -54,6 +54,8 @@ class QuantType:
     # njit (x, out): x rounded to the float grid llama.cpp multiplies these weights by (its
     # vec_dot_type), for weights with no integer path; None: x as it is
     float_activations: object = None
+    # its prompt-GEMM panel decoder (kernels/_panels.py), if prompts take kernels/_mm_panel.py
+    panel: object = None
 
     @property
     def name(self) -> str:
@@ -74,16 +76,16 @@ TYPES = {t.id: t for t in (
     QuantType(BF16, matvec=_matvec.mv_bf16, float_activations=round_rows_bf16),
     QuantType(Q4_0, _dequant_ext.dq_q4_0, None, Q8_0_ACT, _simd.q4_0_block),
     QuantType(Q5_1, _dequant_ext.dq_q5_1, None, Q8_0_ACT, _simd.q5_1_block),
-    QuantType(Q2_K, _dequant_ext.dq_q2_k, None, Q8K, _simd.q2_k_block),
-    QuantType(Q3_K, _dequant_ext.dq_q3_k, None, Q8K, _simd.q3_k_block),
-    QuantType(Q5_K, _dequant_ext.dq_q5_k, None, Q8K, _simd.q5_k_block),
+    QuantType(Q2_K, _dequant_ext.dq_q2_k, None, Q8K, _simd.q2_k_block, panel=_panels.Q2_K_PANEL),
+    QuantType(Q3_K, _dequant_ext.dq_q3_k, None, Q8K, _simd.q3_k_block, panel=_panels.Q3_K_PANEL),
+    QuantType(Q5_K, _dequant_ext.dq_q5_k, None, Q8K, _simd.q5_k_block, panel=_panels.Q5_K_PANEL),
     QuantType(IQ4_NL, _dequant_ext.dq_iq4_nl, None, Q8_0_ACT, _simd.iq4_nl_block),
-    QuantType(IQ4_XS, _dequant_ext.dq_iq4_xs, None, Q8K, _simd.iq4_xs_block),
+    QuantType(IQ4_XS, _dequant_ext.dq_iq4_xs, None, Q8K, _simd.iq4_xs_block, panel=_panels.IQ4_XS_PANEL),
     QuantType(Q4_1, _dequant.dq_q4_1, _matvec.mv_q4_1, Q8_0_ACT, _simd.q4_1_block),
     QuantType(Q5_0, _dequant.dq_q5_0, _matvec.mv_q5_0, Q8_0_ACT, _simd.q5_0_block),
     QuantType(Q8_0, _dequant.dq_q8_0, _matvec.mv_q8_0, Q8_0_ACT, _simd.q8_0_block),
-    QuantType(Q4_K, _dequant.dq_q4_k, _matvec.mv_q4_k, Q8K, _simd.q4_k_block),
-    QuantType(Q6_K, _dequant.dq_q6_k, _matvec.mv_q6_k, Q8K, _simd.q6_k_block),
+    QuantType(Q4_K, _dequant.dq_q4_k, _matvec.mv_q4_k, Q8K, _simd.q4_k_block, panel=_panels.Q4_K_PANEL),
+    QuantType(Q6_K, _dequant.dq_q6_k, _matvec.mv_q6_k, Q8K, _simd.q6_k_block, panel=_panels.Q6_K_PANEL),
 )}
 FLOAT_TYPES = tuple(t for t, row in TYPES.items() if row.dequant is None)
 SUPPORTED = tuple(TYPES)

@@ -9,13 +9,26 @@ that sum, which holds for rows up to ~20,000 columns.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
-from kernels.matmul import Int8Activations, dequantize, int8_kind, int8_ready, matmul_int8, matmul_int8_many
-from kernels.quants import F16, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, TYPES, type_name
+from engine import failpoints
+from kernels import _mm_panel
+from kernels import matmul as _kernels
+from kernels._mm_int8 import mm_q8
+from kernels.matmul import PANEL_MIN_TOKENS, Int8Activations, dequantize, int8_kind, int8_ready, matmul_int8_many
+from kernels.quants import F16, Q2_K, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0, TYPES, type_name
 from tests.conftest import model_file
 from tests.test_quant_kernels import random_weights
+
+
+# The kernel as these tests see it: kernels/ hold no fail points, so the contract runner's
+# quant.matmul_scale fault (python -m cli contracts --mutate) acts here, on its results.
+def matmul_int8(w, qtype, xq, out):
+    _kernels.matmul_int8(w, qtype, xq, out)
+    if failpoints.active("quant.matmul_scale"):
+        out *= np.float32(1.01)
 
 
 def q8k_reference(x: np.ndarray):
@@ -82,6 +95,45 @@ def test_int8_matmul_random(qtype, n, blocks):
     if n > 2 and cols >= 512:
         x[2, 256:512] = 0.0                          # an all-zero block
     check(raw, qtype, x)
+
+
+PANEL_QTYPES = tuple(t for t, r in TYPES.items() if r.panel is not None)
+
+
+@pytest.mark.parametrize("qtype", PANEL_QTYPES, ids=type_name)
+@pytest.mark.parametrize("n", [PANEL_MIN_TOKENS, 37])   # the shortest prompt it takes; whole tiles and a tail
+@pytest.mark.parametrize("rows", [32, 45])               # one whole panel; a panel past the last row
+def test_panel_gemm_random(qtype, n, rows):
+    """Prompts against the types with a panel decoder take the panel GEMM (kernels/_mm_panel.py,
+    on AVX512-VNNI machines): same bound, random blocks with extreme scales, 1 and 5 blocks."""
+    rng = np.random.default_rng(qtype * 100 + n + rows)
+    for blocks in (1, 5):
+        raw = random_weights(qtype, rows, 256 * blocks, rng)
+        x = rng.standard_normal((n, 256 * blocks)).astype(np.float32)
+        x[n - 1, 7] = 50.0 * np.abs(x[n - 1]).max()    # an outlier in the tail tile
+        check(raw, qtype, x)
+
+
+@pytest.mark.skipif(not _mm_panel.available, reason="the panel GEMM needs AVX512-VNNI, which this CPU lacks")
+def test_prompts_take_the_panel_gemm():
+    """A group of Q4_K, Q2_K and Q6_K weights: from PANEL_MIN_TOKENS rows their outputs are the
+    panel kernel's bit for bit, below it mm_q8's (and the panel types are every Q8_K type)."""
+    assert {t for t in PANEL_QTYPES} == {t for t, r in TYPES.items() if r.int8 is not None and r.int8.name == "q8k"}
+    rng = np.random.default_rng(3)
+    types_ = [Q4_K, Q2_K, Q6_K]
+    mats = [random_weights(t, 40, 512, rng) for t in types_]
+    for n in (PANEL_MIN_TOKENS - 1, PANEL_MIN_TOKENS, 21):
+        xq = Int8Activations().quantize(rng.standard_normal((n, 512)).astype(np.float32))
+        outs = [np.full((n, 40), np.nan, np.float32) for _ in mats]
+        matmul_int8_many([(w, t, o) for w, t, o in zip(mats, types_, outs)], xq)
+        scratch = _mm_panel.scratch(512, numba.config.NUMBA_NUM_THREADS)
+        for w, t, o in zip(mats, types_, outs):
+            want = np.full((n, 40), np.nan, np.float32)
+            if n >= PANEL_MIN_TOKENS and TYPES[t].panel is not None:
+                _mm_panel.mm_panels(w, t, *xq, want, *scratch)
+            else:
+                mm_q8((w,), (t,), *xq, (want,))
+            np.testing.assert_array_equal(o, want, err_msg=f"{type_name(t)}, {n} rows")
 
 
 @pytest.mark.model
