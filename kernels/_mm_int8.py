@@ -6,8 +6,8 @@ blocks, each block's exact integer dot product built by the type's IR in
 kernels/_simd.py. The switch is derived from the registry (kernels/quants.py): a type
 with an `int8_block` is reached here without editing this file. `rows_dot` is four weight
 rows against one activation row, what a decode step runs. `mm_q8` is the parallel
-matmul over them. (Numba's cache keys a kernel on its own source file: after
-changing the registry or _simd.py, delete kernels/__pycache__/_mm_int8*.nb[ic].)
+matmul over them. (A kernel cache made from other sources of this package is cleared at
+import: kernels/__init__.py.)
 """
 from __future__ import annotations
 

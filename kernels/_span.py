@@ -2,9 +2,8 @@
 
 `dq_span` is what the batched float matmul (kernels/_gemm.py) and the embedding
 lookup are built on; its dispatch is derived from the registry's decoders, so a
-new type's decoder is reached here without editing this file. (Numba's cache keys
-a kernel on its own source file only: after changing the registry, delete
-kernels/__pycache__/_span*.nb[ic] and _gemm*.nb[ic].)
+new type's decoder is reached here without editing this file. (A kernel cache made
+from other sources of this package is cleared at import: kernels/__init__.py.)
 """
 from __future__ import annotations
 

@@ -20,9 +20,8 @@ activations, the approximation llama.cpp makes.
 input, with the choice of kernel per matrix and per prompt or decode made here, from
 the registry, so the forward only names its stages.
 
-Numba's cache keys each kernel on its own source file only: after editing
-kernels/_dequant.py, kernels/f16.py, kernels/_simd.py, kernels/_expf.py or the registry,
-delete kernels/__pycache__/*.nb[ic] or the kernels that inline them keep running the old code.
+Numba's cache keys each kernel on its own source file only, while kernels inline code
+from other modules: kernels/__init__.py clears a cache made from other sources at import.
 """
 from __future__ import annotations
 
