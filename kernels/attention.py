@@ -31,7 +31,8 @@ def _first_key(keys, window):
     return max(0, keys - window) if window > 0 else 0
 
 
-KEY_BLOCK = 256   # keys per block of the score pass: 4 key rows x 256 floats stay in L1 for all query heads
+KEY_BLOCK = 256   # keys per block of the score pass: 8 key rows x 256 floats stay in L1 for all query heads
+DIMS = 8          # head_dim products added per pass over a score row (one load and store of it per DIMS)
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
@@ -40,17 +41,19 @@ def _scores_f32(q, t, k_t, h0, group, head_dim, first, end, scores):
     KV head: the keys go in blocks of KEY_BLOCK, and each block's key rows, read once, serve
     every query head of the group (the group's heads would otherwise stream the same keys once
     each: at 4,096 positions the 1.5B's six heads per KV head read 2 MB of keys six times). Each
-    score still sums its head_dim products in order, four at a time, as a plain loop would."""
-    rows4 = head_dim - head_dim % 4
+    score still sums its head_dim products in order, DIMS per pass over the row (the row's
+    loads and stores, not the products, bound this loop), as a plain loop would."""
+    rows8 = head_dim - head_dim % DIMS
     for kb in range(first, end, KEY_BLOCK):
         ke = min(end, kb + KEY_BLOCK)
         for h in range(h0, h0 + group):
             scores[h, t, kb:ke] = 0.0
-        for i in range(0, rows4, 4):
+        for i in range(0, rows8, DIMS):
             k0, k1, k2, k3 = k_t[i, kb:ke], k_t[i + 1, kb:ke], k_t[i + 2, kb:ke], k_t[i + 3, kb:ke]
+            k4, k5, k6, k7 = k_t[i + 4, kb:ke], k_t[i + 5, kb:ke], k_t[i + 6, kb:ke], k_t[i + 7, kb:ke]
             for h in range(h0, h0 + group):
                 qh = q[t, h * head_dim:(h + 1) * head_dim]
-                q0, q1, q2, q3 = qh[i], qh[i + 1], qh[i + 2], qh[i + 3]
+                q0, q1, q2, q3, q4, q5, q6, q7 = qh[i], qh[i + 1], qh[i + 2], qh[i + 3], qh[i + 4], qh[i + 5], qh[i + 6], qh[i + 7]
                 s = scores[h, t, kb:ke]
                 for j in range(ke - kb):
                     acc = s[j]
@@ -58,8 +61,12 @@ def _scores_f32(q, t, k_t, h0, group, head_dim, first, end, scores):
                     acc += q1 * k1[j]
                     acc += q2 * k2[j]
                     acc += q3 * k3[j]
+                    acc += q4 * k4[j]
+                    acc += q5 * k5[j]
+                    acc += q6 * k6[j]
+                    acc += q7 * k7[j]
                     s[j] = acc
-        for i in range(rows4, head_dim):
+        for i in range(rows8, head_dim):
             kr = k_t[i, kb:ke]
             for h in range(h0, h0 + group):
                 qi = q[t, h * head_dim + i]
@@ -134,8 +141,28 @@ def attention(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, head_dim, scale,
             for j in range(keys):
                 pr[j] *= inv
             out[t, h * head_dim:(h + 1) * head_dim] = 0.0
-        # p.v: each value row, read once, is added into every head of the group in key order
-        for j in range(keys):
+        # p.v: value rows, read once, are added into every head of the group in key order, DIMS
+        # keys per pass over an output row (its loads and stores bound this loop)
+        keys8 = keys - keys % DIMS
+        for j in range(0, keys8, DIMS):
+            v0, v1, v2, v3 = values[j], values[j + 1], values[j + 2], values[j + 3]
+            v4, v5, v6, v7 = values[j + 4], values[j + 5], values[j + 6], values[j + 7]
+            for h in range(h0, h0 + group):
+                ph = probs[h, t, first + j:first + j + DIMS]
+                p0, p1, p2, p3, p4, p5, p6, p7 = ph[0], ph[1], ph[2], ph[3], ph[4], ph[5], ph[6], ph[7]
+                oh = out[t, h * head_dim:(h + 1) * head_dim]
+                for i in range(head_dim):
+                    acc = oh[i]
+                    acc += p0 * v0[i]
+                    acc += p1 * v1[i]
+                    acc += p2 * v2[i]
+                    acc += p3 * v3[i]
+                    acc += p4 * v4[i]
+                    acc += p5 * v5[i]
+                    acc += p6 * v6[i]
+                    acc += p7 * v7[i]
+                    oh[i] = acc
+        for j in range(keys8, keys):
             vr = values[j]
             for h in range(h0, h0 + group):
                 p = probs[h, t, first + j]
