@@ -15,9 +15,11 @@ so one instruction does 64 multiply-adds, lanes are rows, a sub-block's scale is
 vector: no reduction. The decoded panel (about PANEL * cols bytes) stays in L2 while the
 tokens stream past it.
 
-Every block's sums are exact integers, as on the other integer path; only the float
-accumulation across blocks differs in order (one product per block and row instead of
-eight lane partials). Needs AVX512-VNNI (`available`); elsewhere prompts take mm_q8.
+Every block's sums are exact integers, as on the other integer path, and the float steps
+after them are those of llama.cpp's repacked Q4_K GEMM (one FMA per block and row with
+d * xd; mins in their own accumulator), where mm_q8 keeps eight lane partials per row as
+llama.cpp's one-row dot does: llama.cpp's prompts take its GEMM, so ours does too. Needs
+AVX512-VNNI (`available`); elsewhere prompts take mm_q8.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from kernels._panels import _V16I32
-from kernels._simd import _F32, _FAST, _I32, _I64, HAS_VNNI, _intrinsic, _ptr
+from kernels._simd import _F32, _I32, _I64, HAS_VNNI, _intrinsic
 from kernels.quants import TYPES
 
 PANEL_TYPES = tuple(t for t in TYPES.values() if t.panel is not None)
