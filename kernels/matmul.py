@@ -227,15 +227,15 @@ PANEL_MIN_TOKENS = 6   # from this many rows the panel GEMM beats mm_q8 (measure
 _panel_scratch: dict[int, tuple] = {}
 
 
-def _launch(kernel, ws, qtypes, xq, outs, *extra) -> None:
-    """One parallel launch of `kernel` over the matrices, or one per matrix when the outputs mix
+def _launch_mm_q8(ws, qtypes, xq, outs) -> None:
+    """One parallel mm_q8 launch over the matrices, or one per matrix when the outputs mix
     array layouts (one launch needs one output array type)."""
     q, d, sums = xq
     if len({o.flags.c_contiguous for o in outs}) > 1:
         for w, qtype, out in zip(ws, qtypes, outs):
-            kernel((w,), (qtype,), q, d, sums, (out,), *extra)
+            mm_q8((w,), (qtype,), q, d, sums, (out,))
     else:
-        kernel(tuple(ws), tuple(qtypes), q, d, sums, tuple(outs), *extra)
+        mm_q8(tuple(ws), tuple(qtypes), q, d, sums, tuple(outs))
 
 
 def _launch_int8(group: Int8Group, xq, outs) -> None:
@@ -253,7 +253,7 @@ def _launch_int8(group: Int8Group, xq, outs) -> None:
     else:
         rest = range(len(group.ws))
     if rest:
-        _launch(mm_q8, [group.ws[i] for i in rest], [group.qtypes[i] for i in rest], xq, [outs[i] for i in rest])
+        _launch_mm_q8([group.ws[i] for i in rest], [group.qtypes[i] for i in rest], xq, [outs[i] for i in rest])
 
 
 def matmul_int8(w, qtype: int, xq: tuple[np.ndarray, np.ndarray, np.ndarray], out: np.ndarray) -> None:
