@@ -31,6 +31,7 @@ MAX_NESTING = 4             # arrays of arrays of ...
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NP_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 def _show(name: str, limit: int = 80) -> str:
@@ -95,6 +96,31 @@ class GGUFFile:
         except UnicodeDecodeError:
             raise self._fail(f"{what} is not valid UTF-8") from None
 
+    def _string_array(self, count: int, key: str) -> list[str]:
+        """`count` strings from the current position: what `_string` reads `count` times, in one
+        loop without a call, a format lookup or a message per element (a vocabulary and its
+        merges are ~300k strings, and this loop is most of a warm start's file parsing). A bad
+        element is read again by `_string`, which raises the error naming it."""
+        buf, size, pos = self._buf, self.size, self._pos
+        unpack, out = _U64.unpack_from, [None] * count
+        for i in range(count):
+            end = pos + 8
+            if end <= size:
+                n = unpack(buf, pos)[0]
+                stop = end + n
+                if n <= MAX_STRING and stop <= size:
+                    try:
+                        out[i] = str(buf[end:stop], "utf-8")
+                        pos = stop
+                        continue
+                    except UnicodeDecodeError:
+                        pass
+            self._pos = pos
+            self._string(f"element {i} of {key}")   # raises with the details
+            raise AssertionError("unreachable: _string accepted what the fast loop refused")
+        self._pos = pos
+        return out
+
     def _value(self, vtype: int, key: str, depth: int = 0):
         if vtype in _SCALARS:
             return self._scalar(_SCALARS[vtype], f"value of {key}")
@@ -114,7 +140,7 @@ class GGUFFile:
             if etype == _STRING:
                 # each string needs at least its 8-byte length: cap what a header can make us allocate
                 self._need(count * 8, f"array {key} ({count} strings)")
-                return [self._string(f"element {i} of {key}") for i in range(count)]
+                return self._string_array(count, key)
             if etype == _ARRAY:
                 if depth >= MAX_NESTING:
                     raise self._fail(f"array {key}: arrays nested more than {MAX_NESTING} deep")

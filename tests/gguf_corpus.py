@@ -145,6 +145,11 @@ CORPUS = {
     "array_len_2_40": (_set("arr_len", 1 << 40, "tokenizer.ggml.tokens"), "exceed the limit of 16777216"),
     "array_len_past_end": (_set("arr_len", 1 << 20, "tokenizer.ggml.tokens"), "truncated file"),
     "token_len_2_60": (_set("str_len", 1 << 60, "tokenizer.ggml.tokens[0]"), "exceeds the limit"),
+    # an element past the first of a string array: the bulk string-array reader names it
+    "token_len_past_end": (_set("str_len", 10 ** 7, "tokenizer.ggml.tokens[2]"),
+                           "truncated file: element 2 of tokenizer.ggml.tokens"),
+    "token_not_utf8": (lambda b: fz.overwrite(b, _field(b, "str_len", "tokenizer.ggml.tokens[3]").offset + 8, b"\xff"),
+                       "element 3 of tokenizer.ggml.tokens is not valid UTF-8"),
     "nested_arrays_deep": (lambda b: rebuild(b, {"x.nested": _nested(50)}), "nested more than 4 deep"),
     "n_dims_0": (_set("n_dims", 0), "bad number of dimensions 0"),
     "n_dims_2_31": (_set("n_dims", 1 << 31), "bad number of dimensions 2147483648"),
