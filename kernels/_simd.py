@@ -67,13 +67,16 @@ def _maddubs(builder, u8: ir.Value, s8: ir.Value) -> ir.Value:
     return _pairs_sum(builder, builder.mul(builder.zext(u8, _V32I16), builder.sext(s8, _V32I16)))
 
 
-def _dot_u8s8(builder, u8: ir.Value, s8: ir.Value) -> ir.Value:
-    """<8 x i32>: lane i = sum_k u8[4i+k] * s8[4i+k] (vpdpbusd with AVX512-VNNI, else
-    vpmaddubsw + vpmaddwd by ones)."""
+def _dot_u8s8(builder, u8: ir.Value, s8: ir.Value, acc: ir.Value | None = None) -> ir.Value:
+    """<8 x i32>: lane i = acc[i] + sum_k u8[4i+k] * s8[4i+k] (vpdpbusd with AVX512-VNNI, else
+    vpmaddubsw + vpmaddwd by ones); acc may be None (zeros). vpdpbusd adds into acc for free:
+    a block's integer offset passed as acc costs no instruction per weight row."""
     if HAS_VNNI:
         return _intrinsic(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32,
-                          [ir.Constant(_V8I32, None), builder.bitcast(u8, _V8I32), builder.bitcast(s8, _V8I32)])
-    return _madd(builder, None, _maddubs(builder, u8, s8), _splat(_V16I16, 1))
+                          [acc if acc is not None else ir.Constant(_V8I32, [ir.Constant(_I32, 0)] * 8),
+                           builder.bitcast(u8, _V8I32), builder.bitcast(s8, _V8I32)])
+    dot = _madd(builder, None, _maddubs(builder, u8, s8), _splat(_V16I16, 1))
+    return dot if acc is None else builder.add(acc, dot)
 
 
 def _madd(builder, acc, a16: ir.Value, b16: ir.Value) -> ir.Value:
@@ -312,9 +315,9 @@ def q5_0_block(builder, blk, xps, bps, xds):
     d = builder.extract_element(_f16_at(builder, blk, 0, 1), ir.Constant(_I32, 0))
     parts = []
     for xp, bp, xd in zip(xps, bps, xds):
-        dot = _dot_u8s8(builder, q, _load(builder, xp, 0, _V32I8))
-        offset = builder.shl(_sum32(builder, bp), ir.Constant(_I32, 4))
-        parts.append(_scaled(builder, builder.sub(dot, _lane0(builder, _V8I32, offset)), d, xd))
+        offset = builder.neg(builder.shl(_sum32(builder, bp), ir.Constant(_I32, 4)))   # -16*sum(x): per token
+        dot = _dot_u8s8(builder, q, _load(builder, xp, 0, _V32I8), _lane0(builder, _V8I32, offset))
+        parts.append(_scaled(builder, dot, d, xd))
     return parts
 
 
@@ -418,9 +421,9 @@ def q4_0_block(builder, blk, xps, bps, xds):
     d = _scalar_f16(builder, blk, 0)
     parts = []
     for xp, bp, xd in zip(xps, bps, xds):
-        dot = _dot_u8s8(builder, q, _load(builder, xp, 0, _V32I8))
-        offset = builder.shl(_sum32(builder, bp), ir.Constant(_I32, 3))
-        parts.append(_scaled(builder, builder.sub(dot, _lane0(builder, _V8I32, offset)), d, xd))
+        offset = builder.neg(builder.shl(_sum32(builder, bp), ir.Constant(_I32, 3)))   # -8*sum(x): per token
+        dot = _dot_u8s8(builder, q, _load(builder, xp, 0, _V32I8), _lane0(builder, _V8I32, offset))
+        parts.append(_scaled(builder, dot, d, xd))
     return parts
 
 
@@ -470,7 +473,8 @@ def iq4_nl_block(builder, blk, xps, bps, xds):
         parts = []
         for xp, xd in zip(xps, xds):
             x = _load(builder, xp, 0, _V32I8)
-            dot = builder.sub(_dot_u8s8(builder, w, x), _dot_u8s8(builder, bias, x))
+            # the token's -dot(128, x), shared by every row, rides in vpdpbusd's accumulator
+            dot = _dot_u8s8(builder, w, x, builder.neg(_dot_u8s8(builder, bias, x)))
             parts.append(_scaled(builder, dot, d, xd))
         return parts
     w, w_abs = _lut16(builder, _IQ4NL, q), _lut16(builder, _IQ4NL_ABS, q)
