@@ -21,8 +21,12 @@ from kernels.rope import rope_inv_freq
 class LayerMatmuls:
     """One layer's matmuls by shared input: q/k/v, the output projection, gate/up, down."""
 
-    def __init__(self, layer, exact: bool):
-        group = lambda *ws: MatmulGroup([(w.data, w.qtype) for w in ws], exact)  # noqa: E731
+    MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+    def __init__(self, layer, exact: bool, model_types=()):
+        """model_types: the GGML types of all the model's matrices, so every group's kernel is
+        compiled once for all of them (kernels.matmul.Int8Group)."""
+        group = lambda *ws: MatmulGroup([(w.data, w.qtype) for w in ws], exact, compile_types=model_types)  # noqa: E731
         self.qkv = group(layer.wq, layer.wk, layer.wv)
         self.wo = group(layer.wo)
         self.gate_up = group(layer.w_gate, layer.w_up)
@@ -49,8 +53,11 @@ class Model:
         self.cfg = cfg
         self.weights = weights
         self.exact = exact
-        self.matmuls = [LayerMatmuls(layer, exact) for layer in weights.layers]
-        self.output = MatmulGroup([(weights.output.data, weights.output.qtype)], exact, float_prompts=True)
+        model_types = frozenset([getattr(layer, m).qtype for layer in weights.layers for m in LayerMatmuls.MATRICES]
+                                + [weights.output.qtype])
+        self.matmuls = [LayerMatmuls(layer, exact, model_types) for layer in weights.layers]
+        self.output = MatmulGroup([(weights.output.data, weights.output.qtype)], exact, float_prompts=True,
+                                  compile_types=model_types)
         self.arch = ARCHS[cfg.arch]
         # the rotary frequencies of each layer: base^(-2i/n_rot), times the linear scale (llama.cpp's
         # freq_scale: positions / rope.scaling.factor), over Llama 3's per-pair factors (rope_freqs.weight:

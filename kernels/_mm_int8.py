@@ -6,8 +6,9 @@ blocks, each block's exact integer dot product built by the type's IR in
 kernels/_simd.py. The switch is derived from the registry (kernels/quants.py): a type
 with an `int8_block` is reached here without editing this file. `rows_dot` is four weight
 rows against one activation row, what a decode step runs. `mm_q8` is the parallel
-matmul over them. (A kernel cache made from other sources of this package is cleared at
-import: kernels/__init__.py.)
+matmul over them, compiled per set of weight types (`mm_q8_for`): the switch holds only
+the types a model uses, which keeps a first run's compile to what it needs. (A kernel
+cache made from other sources of this package is cleared at import: kernels/__init__.py.)
 """
 from __future__ import annotations
 
@@ -57,15 +58,15 @@ def _blocks_loop(context, builder, qt: QuantType, rows, nblocks, acts, tokens: i
     return [[reduce_fadd(builder, builder.load(a)) for a in row_accs] for row_accs in accs]
 
 
-def _type_switch(context, builder, qtype, n_results: int, emit):
+def _type_switch(context, builder, qtype, n_results: int, emit, mask: int):
     """A switch on the weight type (a runtime int64) to `emit(qt)` (a list of n_results floats)
-    for each type with an integer path; any other type gives NaN (callers pass only int8_ready
-    types). Returns the results."""
+    for each type with an integer path whose bit is set in `mask` (bit t for type id t); any
+    other type gives NaN (callers pass only int8_ready types of the mask). Returns the results."""
     results = [cgutils.alloca_once(builder, _F32) for _ in range(n_results)]
     merge = builder.append_basic_block("row_dot.end")
     unknown = builder.append_basic_block("row_dot.unknown")
     switch = builder.switch(qtype, unknown)
-    for qt in INT8_TYPES:
+    for qt in (t for t in INT8_TYPES if mask >> t.id & 1):
         case = builder.append_basic_block(f"row_dot.type{qt.id}")
         switch.add_case(ir.Constant(qtype.type, qt.id), case)
         with builder.goto_block(case):
@@ -90,32 +91,46 @@ def _acts(context, builder, arg_types, args):
             _ptr(context, builder, tbs, args[6], tbo, args[7]), intp(args[8], tbst))
 
 
-def _row_dot_codegen(tokens: int):
+ALL_INT8 = sum(1 << t.id for t in INT8_TYPES)   # the types mask of every type with an integer path
+
+
+def _mask_of(kinds) -> int | None:
+    """The types mask an intrinsic is compiled for: a literal int (a closure constant of the
+    kernel, see mm_q8_for), or None if the argument is not one."""
+    return kinds.literal_value if isinstance(kinds, types.IntegerLiteral) else None
+
+
+def _row_dot_codegen(tokens: int, mask: int):
     """One weight row (a 1-D byte array) against `tokens` activation rows."""
     def codegen(context, builder, signature, args):
-        qtype = context.cast(builder, args[0], signature.args[0], types.int64)
-        row_ary = context.make_array(signature.args[1])(context, builder, args[1])
+        qtype = context.cast(builder, args[1], signature.args[1], types.int64)
+        row_ary = context.make_array(signature.args[2])(context, builder, args[2])
         row_bytes = cgutils.unpack_tuple(builder, row_ary.shape, 1)[0]
-        acts = _acts(context, builder, signature.args[2:], args[2:])
+        acts = _acts(context, builder, signature.args[3:], args[3:])
 
         def emit(qt):
             nblocks = builder.udiv(row_bytes, ir.Constant(row_bytes.type, qt.block_bytes))
             return _blocks_loop(context, builder, qt, [row_ary.data], nblocks, acts, tokens)[0]
-        sums = _type_switch(context, builder, qtype, tokens, emit)
+        sums = _type_switch(context, builder, qtype, tokens, emit, mask)
         return sums[0] if tokens == 1 else context.make_tuple(builder, signature.return_type, sums)
     return codegen
 
 
 def _row_dot_intrinsic(tokens: int, doc: str):
-    def typer(typingctx, qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride):
+    def typer(typingctx, kinds, qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride):
+        mask = _mask_of(kinds)
+        if mask is None:
+            return None
         ret = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
-        return ret(qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride), _row_dot_codegen(tokens)
+        return (ret(kinds, qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride),
+                _row_dot_codegen(tokens, mask))
     typer.__doc__ = doc
     typer.__name__ = typer.__qualname__ = f"row_dot_{tokens}"
     return intrinsic(typer)
 
 
-_ARGS = """Arguments (qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride): the weight row's
+_ARGS = """Arguments (kinds, qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride): kinds, a
+    constant types mask (bit t for type id t: only those types' code is compiled in); the weight row's
     GGML type and bytes; activation row t starts at xq[xo + t*xstride], its per-block scales at
     xd[do + t*dstride] and its sums (one per 16 values for 256-element blocks, one per block for
     32-element blocks) at bs[bo + t*bstride]."""
@@ -125,55 +140,87 @@ row_dot4 = _row_dot_intrinsic(4, "W_row . x_t for four activation rows t (a 4-tu
 ROWS = 4   # weight rows per rows_dot
 
 
-def _rows_dot_codegen(context, builder, signature, args):
-    qtype = context.cast(builder, args[0], signature.args[0], types.int64)
-    w = context.make_array(signature.args[1])(context, builder, args[1])
-    r = context.cast(builder, args[2], signature.args[2], types.intp)
-    stride = cgutils.unpack_tuple(builder, w.strides, 2)[0]          # bytes from row to row
-    row_bytes = cgutils.unpack_tuple(builder, w.shape, 2)[1]
-    first = builder.gep(w.data, [builder.mul(r, stride)])
-    rows = [builder.gep(first, [builder.mul(ir.Constant(stride.type, i), stride)]) for i in range(ROWS)]
-    acts = _acts(context, builder, signature.args[3:], args[3:])
+def _rows_dot_codegen(mask: int):
+    def codegen(context, builder, signature, args):
+        qtype = context.cast(builder, args[1], signature.args[1], types.int64)
+        w = context.make_array(signature.args[2])(context, builder, args[2])
+        r = context.cast(builder, args[3], signature.args[3], types.intp)
+        stride = cgutils.unpack_tuple(builder, w.strides, 2)[0]          # bytes from row to row
+        row_bytes = cgutils.unpack_tuple(builder, w.shape, 2)[1]
+        first = builder.gep(w.data, [builder.mul(r, stride)])
+        rows = [builder.gep(first, [builder.mul(ir.Constant(stride.type, i), stride)]) for i in range(ROWS)]
+        acts = _acts(context, builder, signature.args[4:], args[4:])
 
-    def emit(qt):
-        nblocks = builder.udiv(row_bytes, ir.Constant(row_bytes.type, qt.block_bytes))
-        return [res[0] for res in _blocks_loop(context, builder, qt, rows, nblocks, acts, 1)]
-    sums = _type_switch(context, builder, qtype, ROWS, emit)
-    return context.make_tuple(builder, signature.return_type, sums)
+        def emit(qt):
+            nblocks = builder.udiv(row_bytes, ir.Constant(row_bytes.type, qt.block_bytes))
+            return [res[0] for res in _blocks_loop(context, builder, qt, rows, nblocks, acts, 1)]
+        sums = _type_switch(context, builder, qtype, ROWS, emit, mask)
+        return context.make_tuple(builder, signature.return_type, sums)
+    return codegen
 
 
 @intrinsic
-def rows_dot(typingctx, qtype, w, r, xq, xo, xstride, xd, do, dstride, bs, bo, bstride):
+def rows_dot(typingctx, kinds, qtype, w, r, xq, xo, xstride, xd, do, dstride, bs, bo, bstride):
     """(W[r + i] . x for i < ROWS) for one activation row: a ROWS-tuple. w is a 2-D byte array
     with rows r .. r+ROWS-1 (unchecked: callers stay in range); other arguments as in row_dot."""
-    sig = types.UniTuple(types.float32, ROWS)(qtype, w, r, xq, xo, xstride, xd, do, dstride, bs, bo, bstride)
-    return sig, _rows_dot_codegen
+    mask = _mask_of(kinds)
+    if mask is None:
+        return None
+    sig = types.UniTuple(types.float32, ROWS)(kinds, qtype, w, r, xq, xo, xstride, xd, do, dstride, bs, bo, bstride)
+    return sig, _rows_dot_codegen(mask)
 
 
 # Work items are CHUNK weight rows of one of the matrices; inside one, activation rows go four at
 # a time so each weight block is unpacked once per four tokens while the chunk's rows stay in cache.
 # Several matrices that share an input (q/k/v, gate/up) run in one parallel launch.
-@njit(cache=True, parallel=True)
+def _mm_q8_kernel(kinds: int):
+    """mm_q8 compiled for the types of mask `kinds` only. kinds is a closure constant: Numba
+    types it as a literal, and its cache keys each closure on the values it captures, so
+    every types mask gets its own cached kernel (a first run compiles the model's types, not
+    all of them)."""
+    @njit(cache=True, parallel=True)
+    def mm_q8_of(ws, qtypes, xq, xd, bs, outs):
+        n = xq.shape[0]
+        xs, ds, bst = xq.shape[1], xd.shape[1], bs.shape[1]
+        total = 0
+        for i in range(len(ws)):
+            total += chunks_of(ws[i], CHUNK)
+        for job in prange(total):
+            i, c = locate_chunk(ws, job, CHUNK)
+            w, qtype, out = ws[i], qtypes[i], outs[i]
+            r0, r1 = c * CHUNK, min(w.shape[0], c * CHUNK + CHUNK)
+            for t in range(0, n - 3, 4):
+                for r in range(r0, r1):
+                    out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = row_dot4(
+                        kinds, qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
+            for t in range(n - n % 4, n):
+                for r in range(r0, r1 - (r1 - r0) % ROWS, ROWS):
+                    dots = rows_dot(kinds, qtype, w, r, xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
+                    for i in range(ROWS):
+                        out[t, r + i] = dots[i]
+                for r in range(r1 - (r1 - r0) % ROWS, r1):
+                    out[t, r] = row_dot(kinds, qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
+    return mm_q8_of
+
+
+_MM_Q8: dict[int, object] = {}
+
+
+def mm_q8_for(qtypes):
+    """The mm_q8 kernel for matrices of these GGML types (any iterable of type ids with an
+    integer path), compiled on first use. Callers that launch often keep it (Int8Group)."""
+    kinds = 0
+    for t in qtypes:
+        kinds |= 1 << int(t)
+    if kinds & ~ALL_INT8:
+        raise ValueError(f"no integer path for types mask {kinds & ~ALL_INT8:#x}")
+    kernel = _MM_Q8.get(kinds)
+    if kernel is None:
+        kernel = _MM_Q8[kinds] = _mm_q8_kernel(kinds)
+    return kernel
+
+
 def mm_q8(ws, qtypes, xq, xd, bs, outs):
     """outs[i][t, r] = ws[i][r] . x[t] for each matrix i (a tuple of row arrays, their types and
     outputs) and activations quantized for those types (quantize_q8k or quantize_q8_0)."""
-    n = xq.shape[0]
-    xs, ds, bst = xq.shape[1], xd.shape[1], bs.shape[1]
-    total = 0
-    for i in range(len(ws)):
-        total += chunks_of(ws[i], CHUNK)
-    for job in prange(total):
-        i, c = locate_chunk(ws, job, CHUNK)
-        w, qtype, out = ws[i], qtypes[i], outs[i]
-        r0, r1 = c * CHUNK, min(w.shape[0], c * CHUNK + CHUNK)
-        for t in range(0, n - 3, 4):
-            for r in range(r0, r1):
-                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = row_dot4(
-                    qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
-        for t in range(n - n % 4, n):
-            for r in range(r0, r1 - (r1 - r0) % ROWS, ROWS):
-                dots = rows_dot(qtype, w, r, xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
-                for i in range(ROWS):
-                    out[t, r + i] = dots[i]
-            for r in range(r1 - (r1 - r0) % ROWS, r1):
-                out[t, r] = row_dot(qtype, w[r], xq, t * xs, xs, xd, t * ds, ds, bs, t * bst, bst)
+    mm_q8_for(qtypes)(ws, qtypes, xq, xd, bs, outs)

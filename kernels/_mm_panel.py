@@ -134,11 +134,12 @@ def _decode_type(builder, qt, row_at, nb, bufs, staging):
                     builder.store(col, builder.bitcast(_gep(builder, codes, at), _V16I32.as_pointer()), align=1)
 
 
-def _switch(builder, qtype, emit):
-    """A switch on the weight type to emit(qt) for every panel type; others do nothing."""
+def _switch(builder, qtype, emit, mask: int):
+    """A switch on the weight type to emit(qt) for every panel type whose bit is set in mask
+    (bit t for type id t); others do nothing."""
     merge = builder.append_basic_block("panel.end")
     switch = builder.switch(qtype, merge)
-    for qt in PANEL_TYPES:
+    for qt in (t for t in PANEL_TYPES if mask >> t.id & 1):
         case = builder.append_basic_block(f"panel.type{qt.id}")
         switch.add_case(ir.Constant(qtype.type, qt.id), case)
         with builder.goto_block(case):
@@ -152,29 +153,34 @@ def _array_data(context, builder, ty, value):
 
 
 @intrinsic
-def panel_decode(typingctx, qtype, w, r0, codes, sc, coef, dd, dm):
+def panel_decode(typingctx, kinds, qtype, w, r0, codes, sc, coef, dd, dm):
     """Decode rows r0 .. r0+PANEL-1 of w (2-D bytes; rows past the end repeat its last row)
-    into the panel buffers (1-D: one thread's rows of `scratch`)."""
-    sig = types.void(qtype, w, r0, codes, sc, coef, dd, dm)
+    into the panel buffers (1-D: one thread's rows of `scratch`). kinds: a constant types mask
+    (only those types' code is compiled in)."""
+    if not isinstance(kinds, types.IntegerLiteral):
+        return None
+    mask = kinds.literal_value
+    sig = types.void(kinds, qtype, w, r0, codes, sc, coef, dd, dm)
 
     def codegen(context, builder, signature, args):
-        qt_v = context.cast(builder, args[0], signature.args[0], types.int64)
-        warr = context.make_array(signature.args[1])(context, builder, args[1])
+        args, arg_types = args[1:], signature.args[1:]
+        qt_v = context.cast(builder, args[0], arg_types[0], types.int64)
+        warr = context.make_array(arg_types[1])(context, builder, args[1])
         nrows, row_bytes = cgutils.unpack_tuple(builder, warr.shape, 2)
         stride = cgutils.unpack_tuple(builder, warr.strides, 2)[0]
-        first = context.cast(builder, args[2], signature.args[2], types.intp)
+        first = context.cast(builder, args[2], arg_types[2], types.intp)
         last = builder.sub(nrows, _c(1))
 
         def row_at(k):   # rows past the end repeat the last one
             r = builder.add(first, k)
             return builder.gep(warr.data, [builder.mul(builder.select(builder.icmp_signed(">", r, last), last, r), stride)])
-        bufs = [_array_data(context, builder, signature.args[i], args[i]) for i in range(3, 8)]
+        bufs = [_array_data(context, builder, arg_types[i], args[i]) for i in range(3, 8)]
         staging = cgutils.alloca_once(builder, _V16I32, size=4 * LANES)
 
         def emit(qt):
             nb = builder.udiv(row_bytes, _c(qt.block_bytes))
             _decode_type(builder, qt, row_at, nb, bufs, staging)
-        _switch(builder, qt_v, emit)
+        _switch(builder, qt_v, emit, mask)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -273,12 +279,17 @@ def _fma_into(builder, acc, ints, scale):
 
 
 @intrinsic
-def panel_dot(typingctx, qtype, nb, codes, sc, coef, dd, dm, xq, xd, bs, t0, nt, tile):
+def panel_dot(typingctx, kinds, qtype, nb, codes, sc, coef, dd, dm, xq, xd, bs, t0, nt, tile):
     """tile[t, r] = panel row r . activation row t0 + t for t < TOKENS (rows past t0 + nt - 1
-    repeat that row): xq int8 [n, cols], xd float32 [n, cols/256], bs int16 [n, cols/16]."""
-    sig = types.void(qtype, nb, codes, sc, coef, dd, dm, xq, xd, bs, t0, nt, tile)
+    repeat that row): xq int8 [n, cols], xd float32 [n, cols/256], bs int16 [n, cols/16].
+    kinds: as in panel_decode."""
+    if not isinstance(kinds, types.IntegerLiteral):
+        return None
+    mask = kinds.literal_value
+    sig = types.void(kinds, qtype, nb, codes, sc, coef, dd, dm, xq, xd, bs, t0, nt, tile)
 
     def codegen(context, builder, signature, args):
+        args, signature = args[1:], types.void(*signature.args[1:])
         qt_v = context.cast(builder, args[0], signature.args[0], types.int64)
         nb_v = context.cast(builder, args[1], signature.args[1], types.intp)
         bufs = [_array_data(context, builder, signature.args[i], args[i]) for i in range(2, 7)]
@@ -298,26 +309,50 @@ def panel_dot(typingctx, qtype, nb, codes, sc, coef, dd, dm, xq, xd, bs, t0, nt,
 
         def emit(qt):
             _dot_type(builder, qt, nb_v, bufs, xs, xds, bss, tile)
-        _switch(builder, qt_v, emit)
+        _switch(builder, qt_v, emit, mask)
         return context.get_dummy_value()
     return sig, codegen
 
 
-@njit(cache=True, parallel=True)
+def _mm_panels_kernel(kinds: int):
+    """mm_panels compiled for the panel types of mask `kinds` only (a closure constant, typed as
+    a literal and cached per value, as kernels._mm_int8's mm_q8 kernels)."""
+    @njit(cache=True, parallel=True)
+    def mm_panels_of(w, qtype, xq, xd, bs, out, codes, sc, coef, dd, dm, tiles):
+        n = xq.shape[0]
+        nb = xq.shape[1] // QK
+        for p in prange((w.shape[0] + PANEL - 1) // PANEL):
+            tid = numba.get_thread_id()
+            r0 = p * PANEL
+            rows = min(PANEL, w.shape[0] - r0)
+            panel_decode(kinds, qtype, w, r0, codes[tid], sc[tid], coef[tid], dd[tid], dm[tid])
+            tile = tiles[tid]
+            for t0 in range(0, n, TOKENS):
+                nt = min(TOKENS, n - t0)
+                panel_dot(kinds, qtype, nb, codes[tid], sc[tid], coef[tid], dd[tid], dm[tid], xq, xd, bs, t0, nt, tile)
+                for t in range(nt):
+                    for r in range(rows):
+                        out[t0 + t, r0 + r] = tile[t * PANEL + r]
+    return mm_panels_of
+
+
+_KERNELS: dict[int, object] = {}
+
+
+def mm_panels_for(qtypes):
+    """The mm_panels kernel for weights of these panel types (type ids), compiled on first use."""
+    kinds = 0
+    for t in qtypes:
+        if not (t in TYPES and TYPES[t].panel is not None):
+            raise ValueError(f"type {t} has no panel decoder")
+        kinds |= 1 << int(t)
+    kernel = _KERNELS.get(kinds)
+    if kernel is None:
+        kernel = _KERNELS[kinds] = _mm_panels_kernel(kinds)
+    return kernel
+
+
 def mm_panels(w, qtype, xq, xd, bs, out, codes, sc, coef, dd, dm, tiles):
     """out[t, r] = w[r] . x[t] for weights of a panel type (2-D bytes) and Q8_K activations
     (quantize_q8k), with per-thread buffers from `scratch`. One work item is one panel."""
-    n = xq.shape[0]
-    nb = xq.shape[1] // QK
-    for p in prange((w.shape[0] + PANEL - 1) // PANEL):
-        tid = numba.get_thread_id()
-        r0 = p * PANEL
-        rows = min(PANEL, w.shape[0] - r0)
-        panel_decode(qtype, w, r0, codes[tid], sc[tid], coef[tid], dd[tid], dm[tid])
-        tile = tiles[tid]
-        for t0 in range(0, n, TOKENS):
-            nt = min(TOKENS, n - t0)
-            panel_dot(qtype, nb, codes[tid], sc[tid], coef[tid], dd[tid], dm[tid], xq, xd, bs, t0, nt, tile)
-            for t in range(nt):
-                for r in range(rows):
-                    out[t0 + t, r0 + r] = tile[t * PANEL + r]
+    mm_panels_for((qtype,))(w, qtype, xq, xd, bs, out, codes, sc, coef, dd, dm, tiles)

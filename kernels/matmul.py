@@ -31,7 +31,7 @@ import numpy as np
 from kernels import _mm_panel
 from kernels._gemm import gemm, mv_float
 from kernels._matvec import mv_half_many
-from kernels._mm_int8 import mm_q8
+from kernels._mm_int8 import mm_q8_for
 from kernels._q8 import dequantize_q8
 from kernels._span import dequantize_rows
 from kernels.f16 import F16_TO_F32
@@ -174,8 +174,10 @@ class Int8Group:
     (`kind`), checked once, so each `matmul_int8_group` is one parallel launch with no per-call
     validation of the weights."""
 
-    def __init__(self, mats):
-        """mats: [(w, qtype), ...] with equal column counts."""
+    def __init__(self, mats, compile_types=()):
+        """mats: [(w, qtype), ...] with equal column counts. compile_types: more GGML types to
+        compile the group's mm_q8 kernel for (the model's other matrices' types), so that all
+        of a model's groups share one compiled kernel (a first run compiles it once)."""
         ws, cols, kinds = [], set(), set()
         for w, qtype in mats:
             w, c = _weight_bytes(w, qtype)
@@ -196,6 +198,13 @@ class Int8Group:
         self.panel_idx = [i for i, qtype in enumerate(self.qtypes)
                           if _mm_panel.available and self.kind == Q8K and TYPES[qtype].panel is not None]
         self.rest_idx = [i for i in range(len(ws)) if i not in self.panel_idx]
+        # mm_q8 compiled for this group's types, and its launch arguments, decided once
+        kernel = mm_q8_for(set(self.qtypes) | {t for t in compile_types if t in TYPES and TYPES[t].int8_block})
+        self.panel_kernel = _mm_panel.mm_panels_for(
+            {self.qtypes[i] for i in self.panel_idx} | {t for t in compile_types if t in TYPES and TYPES[t].panel}
+        ) if self.panel_idx else None
+        self.all_launch = (kernel, self.ws, self.qtypes)
+        self.rest_launch = (kernel, tuple(ws[i] for i in self.rest_idx), tuple(self.qtypes[i] for i in self.rest_idx))
 
     @staticmethod
     def ready(mats) -> bool:
@@ -227,15 +236,16 @@ PANEL_MIN_TOKENS = 6   # from this many rows the panel GEMM beats mm_q8 (measure
 _panel_scratch: dict[int, tuple] = {}
 
 
-def _launch_mm_q8(ws, qtypes, xq, outs) -> None:
-    """One parallel mm_q8 launch over the matrices, or one per matrix when the outputs mix
-    array layouts (one launch needs one output array type)."""
+def _launch_mm_q8(launch, xq, outs) -> None:
+    """One parallel mm_q8 launch (kernel, weights, types) over the matrices, or one per matrix
+    when the outputs mix array layouts (one launch needs one output array type)."""
+    kernel, ws, qtypes = launch
     q, d, sums = xq
     if len({o.flags.c_contiguous for o in outs}) > 1:
         for w, qtype, out in zip(ws, qtypes, outs):
-            mm_q8((w,), (qtype,), q, d, sums, (out,))
+            kernel((w,), (qtype,), q, d, sums, (out,))
     else:
-        mm_q8(tuple(ws), tuple(qtypes), q, d, sums, tuple(outs))
+        kernel(ws, qtypes, q, d, sums, tuple(outs))
 
 
 def _launch_int8(group: Int8Group, xq, outs) -> None:
@@ -243,17 +253,16 @@ def _launch_int8(group: Int8Group, xq, outs) -> None:
     construction (matmul_group: the forward's own buffers; ~4 us a call, hundreds of calls a
     decode step). Prompts of PANEL_MIN_TOKENS rows or more run the panel GEMM where the
     weight type has one (kernels/_mm_panel.py), the rest mm_q8."""
-    rest = group.rest_idx
     if group.panel_idx and xq[0].shape[0] >= PANEL_MIN_TOKENS:
         scratch = _panel_scratch.get(group.cols)
         if scratch is None:   # per-thread panel buffers, kept for the next prompt of this width
             scratch = _panel_scratch[group.cols] = _mm_panel.scratch(group.cols, numba.config.NUMBA_NUM_THREADS)
         for i in group.panel_idx:   # one matrix a launch: one compiled signature, not one per group shape
-            _mm_panel.mm_panels(group.ws[i], group.qtypes[i], *xq, outs[i], *scratch)
+            group.panel_kernel(group.ws[i], group.qtypes[i], *xq, outs[i], *scratch)
+        if group.rest_idx:
+            _launch_mm_q8(group.rest_launch, xq, [outs[i] for i in group.rest_idx])
     else:
-        rest = range(len(group.ws))
-    if rest:
-        _launch_mm_q8([group.ws[i] for i in rest], [group.qtypes[i] for i in rest], xq, [outs[i] for i in rest])
+        _launch_mm_q8(group.all_launch, xq, outs)
 
 
 def matmul_int8(w, qtype: int, xq: tuple[np.ndarray, np.ndarray, np.ndarray], out: np.ndarray) -> None:
@@ -307,8 +316,9 @@ class MatmulGroup:
     too: a prompt's lm_head is one row, free in float32, where int8 rounding would only add
     noise that llama.cpp's logits do not share."""
 
-    def __init__(self, mats, exact: bool = False, float_prompts: bool = False):
-        """mats: [(w, qtype), ...], raw weight bytes [rows, row_bytes] and their GGML types."""
+    def __init__(self, mats, exact: bool = False, float_prompts: bool = False, compile_types=()):
+        """mats: [(w, qtype), ...], raw weight bytes [rows, row_bytes] and their GGML types.
+        compile_types: the GGML types of the model's other matrices (see Int8Group)."""
         checked = [(_weight_bytes(w, qtype), qtype) for w, qtype in mats]
         self.mats = [(w, qtype) for (w, _), qtype in checked]
         by_kind: dict[str, list[int]] = {}
@@ -319,7 +329,8 @@ class MatmulGroup:
                 self.float_idx.append(i)
             else:
                 by_kind.setdefault(kind, []).append(i)
-        self.groups = [(LAYOUTS[kind], Int8Group([mats[i] for i in idx]), idx) for kind, idx in by_kind.items()]
+        self.groups = [(LAYOUTS[kind], Int8Group([mats[i] for i in idx], compile_types), idx)
+                       for kind, idx in by_kind.items()]
         # one-token matvecs of two or more 16-bit float matrices of one type run in one launch
         halves: dict[int, list[int]] = {}
         for i in self.float_idx:
