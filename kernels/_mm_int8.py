@@ -18,7 +18,8 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from kernels._matvec import chunks_of, locate_chunk
-from kernels._simd import _F32, _I64, _V8F32, _FAST, PREFETCH_AHEAD, _prefetch, _ptr, reduce_fadd
+from kernels._simd import (_I64, _V8F32, _FAST, PREFETCH_AHEAD, _prefetch, _ptr, literal_mask, reduce_fadd,
+                           type_switch, types_mask)
 from kernels.quants import TYPES, QuantType
 
 INT8_TYPES = tuple(t for t in TYPES.values() if t.int8_block is not None)
@@ -58,29 +59,6 @@ def _blocks_loop(context, builder, qt: QuantType, rows, nblocks, acts, tokens: i
     return [[reduce_fadd(builder, builder.load(a)) for a in row_accs] for row_accs in accs]
 
 
-def _type_switch(context, builder, qtype, n_results: int, emit, mask: int):
-    """A switch on the weight type (a runtime int64) to `emit(qt)` (a list of n_results floats)
-    for each type with an integer path whose bit is set in `mask` (bit t for type id t); any
-    other type gives NaN (callers pass only int8_ready types of the mask). Returns the results."""
-    results = [cgutils.alloca_once(builder, _F32) for _ in range(n_results)]
-    merge = builder.append_basic_block("row_dot.end")
-    unknown = builder.append_basic_block("row_dot.unknown")
-    switch = builder.switch(qtype, unknown)
-    for qt in (t for t in INT8_TYPES if mask >> t.id & 1):
-        case = builder.append_basic_block(f"row_dot.type{qt.id}")
-        switch.add_case(ir.Constant(qtype.type, qt.id), case)
-        with builder.goto_block(case):
-            for res, value in zip(results, emit(qt)):
-                builder.store(value, res)
-            builder.branch(merge)
-    with builder.goto_block(unknown):
-        for res in results:
-            builder.store(ir.Constant(_F32, float("nan")), res)
-        builder.branch(merge)
-    builder.position_at_end(merge)
-    return [builder.load(r) for r in results]
-
-
 def _acts(context, builder, arg_types, args):
     """The activation arguments (xq, xo, xstride, xd, do, dstride, bs, bo, bstride) as pointers
     and strides for _blocks_loop."""
@@ -91,13 +69,12 @@ def _acts(context, builder, arg_types, args):
             _ptr(context, builder, tbs, args[6], tbo, args[7]), intp(args[8], tbst))
 
 
-ALL_INT8 = sum(1 << t.id for t in INT8_TYPES)   # the types mask of every type with an integer path
+ALL_INT8 = types_mask(t.id for t in INT8_TYPES)   # every type with an integer path
 
 
-def _mask_of(kinds) -> int | None:
-    """The types mask an intrinsic is compiled for: a literal int (a closure constant of the
-    kernel, see mm_q8_for), or None if the argument is not one."""
-    return kinds.literal_value if isinstance(kinds, types.IntegerLiteral) else None
+def _switch(builder, qtype, mask: int, n_results: int, emit):
+    """type_switch over the int8 types of `mask`."""
+    return type_switch(builder, qtype, [t for t in INT8_TYPES if mask >> t.id & 1], emit, n_results)
 
 
 def _row_dot_codegen(tokens: int, mask: int):
@@ -111,14 +88,14 @@ def _row_dot_codegen(tokens: int, mask: int):
         def emit(qt):
             nblocks = builder.udiv(row_bytes, ir.Constant(row_bytes.type, qt.block_bytes))
             return _blocks_loop(context, builder, qt, [row_ary.data], nblocks, acts, tokens)[0]
-        sums = _type_switch(context, builder, qtype, tokens, emit, mask)
+        sums = _switch(builder, qtype, mask, tokens, emit)
         return sums[0] if tokens == 1 else context.make_tuple(builder, signature.return_type, sums)
     return codegen
 
 
 def _row_dot_intrinsic(tokens: int, doc: str):
     def typer(typingctx, kinds, qtype, row, xq, xo, xstride, xd, do, dstride, bs, bo, bstride):
-        mask = _mask_of(kinds)
+        mask = literal_mask(kinds)
         if mask is None:
             return None
         ret = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
@@ -154,7 +131,7 @@ def _rows_dot_codegen(mask: int):
         def emit(qt):
             nblocks = builder.udiv(row_bytes, ir.Constant(row_bytes.type, qt.block_bytes))
             return [res[0] for res in _blocks_loop(context, builder, qt, rows, nblocks, acts, 1)]
-        sums = _type_switch(context, builder, qtype, ROWS, emit, mask)
+        sums = _switch(builder, qtype, mask, ROWS, emit)
         return context.make_tuple(builder, signature.return_type, sums)
     return codegen
 
@@ -163,7 +140,7 @@ def _rows_dot_codegen(mask: int):
 def rows_dot(typingctx, kinds, qtype, w, r, xq, xo, xstride, xd, do, dstride, bs, bo, bstride):
     """(W[r + i] . x for i < ROWS) for one activation row: a ROWS-tuple. w is a 2-D byte array
     with rows r .. r+ROWS-1 (unchecked: callers stay in range); other arguments as in row_dot."""
-    mask = _mask_of(kinds)
+    mask = literal_mask(kinds)
     if mask is None:
         return None
     sig = types.UniTuple(types.float32, ROWS)(kinds, qtype, w, r, xq, xo, xstride, xd, do, dstride, bs, bo, bstride)
@@ -209,9 +186,7 @@ _MM_Q8: dict[int, object] = {}
 def mm_q8_for(qtypes):
     """The mm_q8 kernel for matrices of these GGML types (any iterable of type ids with an
     integer path), compiled on first use. Callers that launch often keep it (Int8Group)."""
-    kinds = 0
-    for t in qtypes:
-        kinds |= 1 << int(t)
+    kinds = types_mask(qtypes)
     if kinds & ~ALL_INT8:
         raise ValueError(f"no integer path for types mask {kinds & ~ALL_INT8:#x}")
     kernel = _MM_Q8.get(kinds)

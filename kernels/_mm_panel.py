@@ -31,7 +31,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from kernels._panels import _V16I32
-from kernels._simd import _F32, _I32, _I64, HAS_VNNI, _intrinsic
+from kernels._simd import _F32, _I32, _I64, HAS_VNNI, _intrinsic, literal_mask, type_switch, types_mask
 from kernels.quants import TYPES
 
 PANEL_TYPES = tuple(t for t in TYPES.values() if t.panel is not None)
@@ -135,17 +135,8 @@ def _decode_type(builder, qt, row_at, nb, bufs, staging):
 
 
 def _switch(builder, qtype, emit, mask: int):
-    """A switch on the weight type to emit(qt) for every panel type whose bit is set in mask
-    (bit t for type id t); others do nothing."""
-    merge = builder.append_basic_block("panel.end")
-    switch = builder.switch(qtype, merge)
-    for qt in (t for t in PANEL_TYPES if mask >> t.id & 1):
-        case = builder.append_basic_block(f"panel.type{qt.id}")
-        switch.add_case(ir.Constant(qtype.type, qt.id), case)
-        with builder.goto_block(case):
-            emit(qt)
-            builder.branch(merge)
-    builder.position_at_end(merge)
+    """type_switch over the panel types of `mask`; other types do nothing."""
+    type_switch(builder, qtype, [t for t in PANEL_TYPES if mask >> t.id & 1], emit)
 
 
 def _array_data(context, builder, ty, value):
@@ -157,9 +148,9 @@ def panel_decode(typingctx, kinds, qtype, w, r0, codes, sc, coef, dd, dm):
     """Decode rows r0 .. r0+PANEL-1 of w (2-D bytes; rows past the end repeat its last row)
     into the panel buffers (1-D: one thread's rows of `scratch`). kinds: a constant types mask
     (only those types' code is compiled in)."""
-    if not isinstance(kinds, types.IntegerLiteral):
+    mask = literal_mask(kinds)
+    if mask is None:
         return None
-    mask = kinds.literal_value
     sig = types.void(kinds, qtype, w, r0, codes, sc, coef, dd, dm)
 
     def codegen(context, builder, signature, args):
@@ -283,9 +274,9 @@ def panel_dot(typingctx, kinds, qtype, nb, codes, sc, coef, dd, dm, xq, xd, bs, 
     """tile[t, r] = panel row r . activation row t0 + t for t < TOKENS (rows past t0 + nt - 1
     repeat that row): xq int8 [n, cols], xd float32 [n, cols/256], bs int16 [n, cols/16].
     kinds: as in panel_decode."""
-    if not isinstance(kinds, types.IntegerLiteral):
+    mask = literal_mask(kinds)
+    if mask is None:
         return None
-    mask = kinds.literal_value
     sig = types.void(kinds, qtype, nb, codes, sc, coef, dd, dm, xq, xd, bs, t0, nt, tile)
 
     def codegen(context, builder, signature, args):
@@ -341,11 +332,10 @@ _KERNELS: dict[int, object] = {}
 
 def mm_panels_for(qtypes):
     """The mm_panels kernel for weights of these panel types (type ids), compiled on first use."""
-    kinds = 0
     for t in qtypes:
         if not (t in TYPES and TYPES[t].panel is not None):
             raise ValueError(f"type {t} has no panel decoder")
-        kinds |= 1 << int(t)
+    kinds = types_mask(qtypes)
     kernel = _KERNELS.get(kinds)
     if kernel is None:
         kernel = _KERNELS[kinds] = _mm_panels_kernel(kinds)

@@ -94,6 +94,44 @@ def _madd(builder, acc, a16: ir.Value, b16: ir.Value) -> ir.Value:
     return prod if acc is None else builder.add(acc, prod)
 
 
+def types_mask(qtypes) -> int:
+    """The types mask of GGML type ids (bit t for type t): what the kernels compiled for a set
+    of weight types (kernels/_mm_int8.mm_q8_for, kernels/_mm_panel.mm_panels_for) are keyed on."""
+    mask = 0
+    for t in qtypes:
+        mask |= 1 << int(t)
+    return mask
+
+
+def literal_mask(kinds) -> int | None:
+    """The value of an intrinsic's types-mask argument when it is a compile-time constant (a
+    kernel's closure constant, which Numba types as a literal), else None."""
+    return kinds.literal_value if isinstance(kinds, types.IntegerLiteral) else None
+
+
+def type_switch(builder, qtype, candidates, emit, n_results: int = 0):
+    """IR: a switch on the weight type (a runtime integer) to `emit(qt)` for each QuantType of
+    `candidates`; emit returns n_results floats, and any other type gives NaN for them (callers
+    pass only candidate types). Returns the results."""
+    results = [cgutils.alloca_once(builder, _F32) for _ in range(n_results)]
+    merge = builder.append_basic_block("type_switch.end")
+    unknown = builder.append_basic_block("type_switch.unknown")
+    switch = builder.switch(qtype, unknown)
+    for qt in candidates:
+        case = builder.append_basic_block(f"type_switch.type{qt.id}")
+        switch.add_case(ir.Constant(qtype.type, qt.id), case)
+        with builder.goto_block(case):
+            for res, value in zip(results, emit(qt) or ()):
+                builder.store(value, res)
+            builder.branch(merge)
+    with builder.goto_block(unknown):
+        for res in results:
+            builder.store(ir.Constant(_F32, float("nan")), res)
+        builder.branch(merge)
+    builder.position_at_end(merge)
+    return [builder.load(r) for r in results]
+
+
 PREFETCH_AHEAD = 16384  # bytes: weight rows stream from DRAM; fetch this far ahead of the block in use (measured best of 3072, 8192, 16384 on decode)
 
 
