@@ -357,3 +357,21 @@ def test_drift_passed_on_within_its_growth_is_inherited_even_from_an_agreeing_in
                           {("ffn_swigl", 0): swigl_ref, ("ffn_out", 0): out_ref})
         swigl, out = report.results
         assert swigl.status == "ok" and out.status == want, (swigl, out)
+
+
+def test_attention_scores_compare_less_their_row_mean():
+    """A constant added to a row of scores is invisible to softmax and to the bisect; one changed
+    entry, or a scale, is not; masked entries (0 in both) stay out of the mean."""
+    from trace.bisect import classify, softmax_invariant
+    rng = np.random.default_rng(3)
+    ref = np.tril(rng.standard_normal((4, 6, 6)) * 3 + 1)          # [heads, T, keys], causal zeros
+    shifted = np.where(ref != 0, ref + rng.standard_normal((4, 6, 1)) * 20, 0.0)
+    a, b = softmax_invariant(shifted, ref)
+    rows, keys = np.triu_indices(6, 1)                                # the masked entries
+    assert np.allclose(a, b) and np.all(a[:, rows, keys] == 0)
+    key = ("attn_scores", 0)
+    assert classify([(key, shifted, ref)], 1, 0.99).ok
+    one_wrong = shifted.copy()
+    one_wrong[2, 5, 5] += 10.0
+    assert not classify([(key, one_wrong, ref)], 1, 0.99).ok
+    assert not classify([(key, ref * 1.5, ref)], 1, 0.99).ok

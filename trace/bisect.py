@@ -21,6 +21,14 @@ each (layer, stage) both expose, and classifies it:
   layer agrees to 0.9998 there).
 - ``fail``: anything else. The first ``fail`` in forward order is the divergence.
 
+``attn_scores`` are compared less each row's mean over its unmasked keys (masked entries are 0
+in both captures and stay 0): softmax ignores a constant added to a row, and such constants are
+what two correct forwards' scores can differ by. A query that differs along a direction on which
+every key has the same projection shifts a whole row: the 0.5B's decode of ", , ," put layer 4's
+head-8 scores 21 above its own prefill's (cosine 0.991, norm ratio 1.13) with the softmax, the
+attention output and everything after at >= 0.9999. (The mean, not the maximum: a wrong entry
+that was the row's maximum would move every other entry of a max-centred row with it.)
+
 Default min_cosine 0.99: on correct engines llama.cpp's 8-bit activation quantization
 and f16 KV cache put per-stage cosines at >= 0.9995 in early layers, drifting down to
 0.9951 (ffn_out, layer 24 of the 1.5B) in late layers (measured; SmolLM2's attention
@@ -218,6 +226,20 @@ def unit_scale_dev(ours: np.ndarray, ref: np.ndarray) -> float | None:
     return float(np.max(np.abs(s - 1.0)))
 
 
+def softmax_invariant(ours: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Attention scores ([..., keys]) less each row's mean over its unmasked keys, for both captures:
+    an entry is unmasked where either capture has it nonzero (both write masked entries as 0),
+    and masked entries stay 0. Softmax is invariant to a constant per row, so this is what the
+    scores decide downstream."""
+    valid = (ours != 0) | (ref != 0)
+
+    count = np.maximum(valid.sum(axis=-1, keepdims=True), 1)
+
+    def center(x):
+        return np.where(valid, x - np.where(valid, x, 0.0).sum(axis=-1, keepdims=True) / count, 0.0)
+    return center(ours), center(ref)
+
+
 def compare_captures(ours: Path, llama: Path, ours_manifest: dict, llama_manifest: dict, min_cosine: float,
                      atol: float | None = None, rtol: float | None = None, thresholds: Thresholds | None = None,
                      ours_values: dict | None = None) -> BisectReport:
@@ -243,6 +265,8 @@ def classify(pairs, n_layers: int, min_cosine: float, atol: float | None = None,
     for key, a, b in pairs:
         stage, layer = key
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if stage == "attn_scores" and a.shape == b.shape and a.ndim >= 2:
+            a, b = softmax_invariant(a, b)
         unit_dev = unit_scale_dev(a, b) if th.unit_scale_coeff is not None and stage in WEIGHT_MATMUL_STAGES \
             else None
         unit_max = None if unit_dev is None else th.unit_scale_coeff / math.sqrt(a.shape[0])
