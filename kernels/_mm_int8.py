@@ -12,6 +12,8 @@ cache made from other sources of this package is cleared at import: kernels/__in
 """
 from __future__ import annotations
 
+import functools
+
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -150,6 +152,7 @@ def rows_dot(typingctx, kinds, qtype, w, r, xq, xo, xstride, xd, do, dstride, bs
 # Work items are CHUNK weight rows of one of the matrices; inside one, activation rows go four at
 # a time so each weight block is unpacked once per four tokens while the chunk's rows stay in cache.
 # Several matrices that share an input (q/k/v, gate/up) run in one parallel launch.
+@functools.cache
 def _mm_q8_kernel(kinds: int):
     """mm_q8 compiled for the types of mask `kinds` only. kinds is a closure constant: Numba
     types it as a literal, and its cache keys each closure on the values it captures, so
@@ -180,19 +183,13 @@ def _mm_q8_kernel(kinds: int):
     return mm_q8_of
 
 
-_MM_Q8: dict[int, object] = {}
-
-
 def mm_q8_for(qtypes):
     """The mm_q8 kernel for matrices of these GGML types (any iterable of type ids with an
     integer path), compiled on first use. Callers that launch often keep it (Int8Group)."""
     kinds = types_mask(qtypes)
     if kinds & ~ALL_INT8:
         raise ValueError(f"no integer path for types mask {kinds & ~ALL_INT8:#x}")
-    kernel = _MM_Q8.get(kinds)
-    if kernel is None:
-        kernel = _MM_Q8[kinds] = _mm_q8_kernel(kinds)
-    return kernel
+    return _mm_q8_kernel(kinds)
 
 
 def mm_q8(ws, qtypes, xq, xd, bs, outs):

@@ -23,6 +23,8 @@ AVX512-VNNI (`available`); elsewhere prompts take mm_q8.
 """
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -305,6 +307,7 @@ def panel_dot(typingctx, kinds, qtype, nb, codes, sc, coef, dd, dm, xq, xd, bs, 
     return sig, codegen
 
 
+@functools.cache
 def _mm_panels_kernel(kinds: int):
     """mm_panels compiled for the panel types of mask `kinds` only (a closure constant, typed as
     a literal and cached per value, as kernels._mm_int8's mm_q8 kernels)."""
@@ -327,19 +330,13 @@ def _mm_panels_kernel(kinds: int):
     return mm_panels_of
 
 
-_KERNELS: dict[int, object] = {}
-
-
 def mm_panels_for(qtypes):
     """The mm_panels kernel for weights of these panel types (type ids), compiled on first use."""
     for t in qtypes:
         if not (t in TYPES and TYPES[t].panel is not None):
             raise ValueError(f"type {t} has no panel decoder")
     kinds = types_mask(qtypes)
-    kernel = _KERNELS.get(kinds)
-    if kernel is None:
-        kernel = _KERNELS[kinds] = _mm_panels_kernel(kinds)
-    return kernel
+    return _mm_panels_kernel(kinds)
 
 
 def mm_panels(w, qtype, xq, xd, bs, out, codes, sc, coef, dd, dm, tiles):

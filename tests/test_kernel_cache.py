@@ -71,7 +71,7 @@ for name in ("Q4_0", "Q8_0"):
     want = dequantize(w, qt).reshape(8, -1)
     report[name] = {"rows_exact": bool(np.array_equal(rows, want)),
                     "matmul_close": bool(np.allclose(out[0], want @ x[0], rtol=0.02, atol=0.05 * np.abs(want) @ np.abs(x[0]))),
-                    "rows_hits": sum(_span._ROWS_KERNELS[int(qt)].stats.cache_hits.values()),
+                    "rows_hits": sum(_span._rows_kernel(int(qt)).stats.cache_hits.values()),
                     "mm_hits": sum(mm_q8_for([int(qt)]).stats.cache_hits.values())}
 print(json.dumps(report))
 """
