@@ -5,12 +5,17 @@ RMSNorm over each head of Q and K, post-attention and post-FFN norms, GeGLU (tan
 head_dim 256 with one KV head, and sliding-window attention (window 512) on five of every
 six layers, whose RoPE base is 10,000 instead of the file's 1,000,000.
 
-Bounds, as in test_parity_llamacpp.py: max and mean 1.4x the difference of our exact float32
-forward from llama.cpp on the short prompts here (exact: max 0.881, mean 0.175, cosine >=
-0.99974); cosine 1 - 1.4x the default forward's worst (0.99960: it rounds activations as
-llama.cpp does, which moves this model's logits about as much as not rounding them). The
-default forward measures max 1.164 / mean 0.235 / cosine >= 0.99960 on the short prompts.
-Prompts past the window are noisier, for llama.cpp itself too, so they have their own bounds,
+Short-prompt bounds: llama.cpp's own spread, the worst difference of llama.cpp from itself when
+a setting sends the prompt through other kernels (n_ubatch 1 or 2 instead of the whole prompt,
+flash attention on), over the three short prompts here and eight held-out ones
+(`python -m tests.llama_noise`): max 2.127, mean 0.825, cosine 0.99594. A forward within that
+cannot be told from a correct one by its logits. (The earlier bounds, 1.4x our exact forward's
+difference on the three prompts here, 1.23 / 0.245 / 0.99944, were narrower than that spread:
+on the held-out prompts the exact forward itself measures up to max 1.654, cosine 0.99731.)
+Measured on a 2-core Zen 4: our default forward max 1.891 / mean 0.494 / cosine >= 0.99822 over
+the eleven (france 1.247 / 0.138 / 0.99964); the fail point forward.attn_scale gives france max
+4.565 / cosine 0.98943.
+Prompts past the window have their own bounds (measured before the short ones were re-derived),
 1.4x the worst of seven held-out passages of 884-1,161 tokens (READMEs and DESIGN.md, cut at
 3,500 characters): ours vs llama.cpp max <= 1.105, mean <= 0.290, cosine >= 0.99928; llama.cpp
 against itself (n_ubatch 2048 vs 7, on three of them) max <= 1.004, mean <= 0.259, cosine >=
@@ -29,7 +34,7 @@ from tests.test_llama_trace import needs_llama
 
 KEY = "gemma3-270m-q4_k_m"
 MARGIN = 1.0
-LOGIT_MAX_ABS, LOGIT_MEAN_ABS, LOGIT_COSINE = 1.23, 0.245, 0.99944
+LOGIT_MAX_ABS, LOGIT_MEAN_ABS, LOGIT_COSINE = 2.13, 0.83, 0.9959     # llama.cpp's own spread (see above)
 LONG_MAX_ABS, LONG_MEAN_ABS, LONG_COSINE = 1.55, 0.41, 0.99899   # prompts past the window (see above)
 PROMPTS = {
     "france": "The capital of France is",
