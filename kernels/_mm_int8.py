@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -152,13 +153,41 @@ def rows_dot(typingctx, kinds, qtype, w, r, xq, xo, xstride, xd, do, dstride, bs
 # Work items are CHUNK weight rows of one of the matrices; inside one, activation rows go four at
 # a time so each weight block is unpacked once per four tokens while the chunk's rows stay in cache.
 # Several matrices that share an input (q/k/v, gate/up) run in one parallel launch.
+MAX_MATS = 3   # matrices per launch (q/k/v); fewer are padded to it (pad_launch)
+_OUT = types.Array(types.float32, 2, "A")
+# The one signature every mm_q8 kernel is compiled for: MAX_MATS matrices, outputs of any
+# strides (the column slices of a prompt's fused q/k/v buffer, C-contiguous buffers elsewhere,
+# converted at the call). Compiled lazily per argument types, each group size and output
+# layout was a kernel of its own: three full compiles of this kernel on a first run.
+MM_Q8_SIGNATURE = types.void(types.UniTuple(types.Array(types.uint8, 2, "C", readonly=True), MAX_MATS),
+                             types.UniTuple(types.int64, MAX_MATS), types.Array(types.int8, 2, "C"),
+                             types.Array(types.float32, 2, "C"), types.Array(types.int16, 2, "C"),
+                             types.UniTuple(_OUT, MAX_MATS))
+_NO_WEIGHT = np.zeros((0, 1), np.uint8)      # a padding matrix: no rows, so no work items
+_NO_OUT = np.zeros((0, 0), np.float32)
+OUT_PADS = {k: (_NO_OUT,) * (MAX_MATS - k) for k in range(MAX_MATS + 1)}   # outputs for k matrices: + OUT_PADS[k]
+
+
+def pad_launch(ws, qtypes, outs) -> list[tuple]:
+    """(ws, qtypes, outs) tuples of MAX_MATS each for mm_q8 kernels: the matrices in groups of
+    MAX_MATS, the last padded with matrices of no rows."""
+    ws, qtypes, outs = tuple(ws), tuple(int(t) for t in qtypes), tuple(outs)
+    launches = []
+    for i in range(0, len(ws), MAX_MATS):
+        pad = MAX_MATS - len(ws[i:i + MAX_MATS])
+        launches.append((ws[i:i + MAX_MATS] + (_NO_WEIGHT,) * pad,
+                         qtypes[i:i + MAX_MATS] + (qtypes[i],) * pad,
+                         outs[i:i + MAX_MATS] + (_NO_OUT,) * pad))
+    return launches
+
+
 @functools.cache
 def _mm_q8_kernel(kinds: int):
-    """mm_q8 compiled for the types of mask `kinds` only. kinds is a closure constant: Numba
-    types it as a literal, and its cache keys each closure on the values it captures, so
-    every types mask gets its own cached kernel (a first run compiles the model's types, not
-    all of them)."""
-    @njit(cache=True, parallel=True)
+    """mm_q8 compiled for the types of mask `kinds` only, for MM_Q8_SIGNATURE only (compiled
+    when this is first called). kinds is a closure constant: Numba types it as a literal, and
+    its cache keys each closure on the values it captures, so every types mask gets its own
+    cached kernel (a first run compiles the model's types, not all of them)."""
+    @njit([MM_Q8_SIGNATURE], cache=True, parallel=True)
     def mm_q8_of(ws, qtypes, xq, xd, bs, outs):
         n = xq.shape[0]
         xs, ds, bst = xq.shape[1], xd.shape[1], bs.shape[1]
@@ -185,7 +214,8 @@ def _mm_q8_kernel(kinds: int):
 
 def mm_q8_for(qtypes):
     """The mm_q8 kernel for matrices of these GGML types (any iterable of type ids with an
-    integer path), compiled on first use. Callers that launch often keep it (Int8Group)."""
+    integer path), compiled (or loaded from the cache) on first use; it takes MAX_MATS
+    matrices (pad_launch). Callers that launch often keep it (Int8Group)."""
     kinds = types_mask(qtypes)
     if kinds & ~ALL_INT8:
         raise ValueError(f"no integer path for types mask {kinds & ~ALL_INT8:#x}")
@@ -195,4 +225,6 @@ def mm_q8_for(qtypes):
 def mm_q8(ws, qtypes, xq, xd, bs, outs):
     """outs[i][t, r] = ws[i][r] . x[t] for each matrix i (a tuple of row arrays, their types and
     outputs) and activations quantized for those types (quantize_q8k or quantize_q8_0)."""
-    mm_q8_for(qtypes)(ws, qtypes, xq, xd, bs, outs)
+    kernel = mm_q8_for(qtypes)
+    for launch in pad_launch(ws, qtypes, outs):
+        kernel(launch[0], launch[1], xq, xd, bs, launch[2])

@@ -307,11 +307,22 @@ def panel_dot(typingctx, kinds, qtype, nb, codes, sc, coef, dd, dm, xq, xd, bs, 
     return sig, codegen
 
 
+_C2 = {t: types.Array(t, 2, "C") for t in (types.int8, types.int16, types.int32, types.uint8, types.float32)}
+# The one signature mm_panels kernels are compiled for (as kernels._mm_int8's MM_Q8_SIGNATURE):
+# an output of any strides, so the column slices of a prompt's q/k/v buffer and C-contiguous
+# outputs share a kernel instead of compiling one each.
+MM_PANELS_SIGNATURE = types.void(
+    types.Array(types.uint8, 2, "C", readonly=True), types.int64, _C2[types.int8], _C2[types.float32],
+    _C2[types.int16], types.Array(types.float32, 2, "A"), _C2[types.uint8], _C2[types.int32], _C2[types.int32],
+    _C2[types.float32], _C2[types.float32], _C2[types.float32])
+
+
 @functools.cache
 def _mm_panels_kernel(kinds: int):
     """mm_panels compiled for the panel types of mask `kinds` only (a closure constant, typed as
-    a literal and cached per value, as kernels._mm_int8's mm_q8 kernels)."""
-    @njit(cache=True, parallel=True)
+    a literal and cached per value, as kernels._mm_int8's mm_q8 kernels), for MM_PANELS_SIGNATURE
+    only, when this is first called."""
+    @njit([MM_PANELS_SIGNATURE], cache=True, parallel=True)
     def mm_panels_of(w, qtype, xq, xd, bs, out, codes, sc, coef, dd, dm, tiles):
         n = xq.shape[0]
         nb = xq.shape[1] // QK

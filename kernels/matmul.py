@@ -31,7 +31,7 @@ import numpy as np
 from kernels import _mm_panel
 from kernels._gemm import gemm, mv_float
 from kernels._matvec import mv_half_many
-from kernels._mm_int8 import mm_q8_for
+from kernels._mm_int8 import MAX_MATS, OUT_PADS, mm_q8_for, pad_launch
 from kernels._q8 import dequantize_q8
 from kernels._span import dequantize_rows
 from kernels.f16 import F16_TO_F32
@@ -198,13 +198,20 @@ class Int8Group:
         self.panel_idx = [i for i, qtype in enumerate(self.qtypes)
                           if _mm_panel.available and self.kind == Q8K and TYPES[qtype].panel is not None]
         self.rest_idx = [i for i in range(len(ws)) if i not in self.panel_idx]
-        # mm_q8 compiled for this group's types, and its launch arguments, decided once
-        kernel = mm_q8_for(set(self.qtypes) | {t for t in compile_types if t in TYPES and TYPES[t].int8_block})
-        self.panel_kernel = _mm_panel.mm_panels_for(
-            {self.qtypes[i] for i in self.panel_idx} | {t for t in compile_types if t in TYPES and TYPES[t].panel}
-        ) if self.panel_idx else None
-        self.all_launch = (kernel, self.ws, self.qtypes)
-        self.rest_launch = (kernel, tuple(ws[i] for i in self.rest_idx), tuple(self.qtypes[i] for i in self.rest_idx))
+        self._mm_q8_types = set(self.qtypes) | {t for t in compile_types if t in TYPES and TYPES[t].int8_block}
+        self._panel_types = {self.qtypes[i] for i in self.panel_idx} | {
+            t for t in compile_types if t in TYPES and TYPES[t].panel}
+        # the kernels and their padded launch arguments, bound on the first launch (bind): a
+        # kernel compiles, or loads from the cache, when it is first asked for
+        self.all_launch = self.rest_launch = self.panel_kernel = None
+
+    def bind(self) -> None:
+        """Get this group's kernels (compiling them on a first run) and decide their launches."""
+        kernel = mm_q8_for(self._mm_q8_types)
+        self.panel_kernel = _mm_panel.mm_panels_for(self._panel_types) if self.panel_idx else None
+        self.all_launch = (kernel, pad_launch(self.ws, self.qtypes, ()))
+        rest = [self.ws[i] for i in self.rest_idx], [self.qtypes[i] for i in self.rest_idx]
+        self.rest_launch = (kernel, pad_launch(*rest, ()))
 
     @staticmethod
     def ready(mats) -> bool:
@@ -237,15 +244,16 @@ _panel_scratch: dict[int, tuple] = {}
 
 
 def _launch_mm_q8(launch, xq, outs) -> None:
-    """One parallel mm_q8 launch (kernel, weights, types) over the matrices, or one per matrix
-    when the outputs mix array layouts (one launch needs one output array type)."""
-    kernel, ws, qtypes = launch
+    """mm_q8 launches (kernel, pad_launch's weights and types) over the matrices: one parallel
+    launch per MAX_MATS of them (every group the forward has), the outputs padded to match."""
+    kernel, launches = launch
     q, d, sums = xq
-    if len({o.flags.c_contiguous for o in outs}) > 1:
-        for w, qtype, out in zip(ws, qtypes, outs):
-            kernel((w,), (qtype,), q, d, sums, (out,))
-    else:
-        kernel(ws, qtypes, q, d, sums, tuple(outs))
+    if len(launches) == 1:
+        kernel(launches[0][0], launches[0][1], q, d, sums, tuple(outs) + OUT_PADS[len(outs)])
+        return
+    for i, (ws, qtypes, _) in enumerate(launches):
+        part = outs[i * MAX_MATS:(i + 1) * MAX_MATS]
+        kernel(ws, qtypes, q, d, sums, tuple(part) + OUT_PADS[len(part)])
 
 
 def _launch_int8(group: Int8Group, xq, outs) -> None:
@@ -253,6 +261,8 @@ def _launch_int8(group: Int8Group, xq, outs) -> None:
     construction (matmul_group: the forward's own buffers; ~4 us a call, hundreds of calls a
     decode step). Prompts of PANEL_MIN_TOKENS rows or more run the panel GEMM where the
     weight type has one (kernels/_mm_panel.py), the rest mm_q8."""
+    if group.all_launch is None:
+        group.bind()
     if group.panel_idx and xq[0].shape[0] >= PANEL_MIN_TOKENS:
         scratch = _panel_scratch.get(group.cols)
         if scratch is None:   # per-thread panel buffers, kept for the next prompt of this width
