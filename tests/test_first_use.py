@@ -246,6 +246,26 @@ def test_prefill_rate_excludes_kernel_loading(tiny):
     assert times[0] < 0.5, times  # no compile or cache load (those take seconds) in the first
 
 
+@pytest.mark.model
+@pytest.mark.parametrize("prompt_tokens", [3, 12])
+def test_warm_up_gets_every_kernel_a_prompt_runs(monkeypatch, prompt_tokens):
+    """After warm_up(), generating a prompt asks Numba for no kernel (neither a compile nor a
+    cache load): a prompt long enough for the panel GEMM (kernels.matmul's PANEL_MIN_TOKENS)
+    has it from the warm-up's 2-token prompt (an Int8Group binds both its kernels on its first
+    launch), not in its own timed prefill."""
+    import numba.core.dispatcher as dispatcher
+    from engine.api import Engine
+    eng = Engine(model_file("qwen2.5-coder-1.5b-q4_k_m"), n_ctx=64)   # Q4_K and Q6_K: panel types
+    ids = list(range(100, 100 + prompt_tokens))
+    eng.warm_up()
+    asked = []
+    compile_ = dispatcher.Dispatcher.compile
+    monkeypatch.setattr(dispatcher.Dispatcher, "compile",
+                        lambda self, sig: asked.append(self.py_func.__qualname__) or compile_(self, sig))
+    list(eng.new_session().generate(ids, max_tokens=3, stop_at_eog=False))
+    assert not asked, f"kernels asked for after the warm-up: {sorted(set(asked))}"
+
+
 # -- 6. every --json output is strict JSON --------------------------------------------------------
 
 def test_print_json_writes_non_finite_numbers_as_strings(capsys):
