@@ -37,13 +37,18 @@ def set_threads(n: int | None) -> None:
     numba.set_num_threads(n)
 
 
-def _note_first_compile() -> None:
-    """Say on stderr that kernels are being compiled when Numba's on-disk cache is empty."""
-    import sys
+def numba_cache_empty() -> bool:
+    """Whether Numba's on-disk cache holds no kernel (a first run: every kernel compiles)."""
     import numba
     custom = numba.config.CACHE_DIR  # NUMBA_CACHE_DIR, if set, holds the cache instead of __pycache__
     cache = Path(custom) if custom else Path(__file__).resolve().parents[1] / "kernels" / "__pycache__"
-    if not any(cache.rglob("*.nbi")):
+    return not any(cache.rglob("*.nbi"))
+
+
+def _note_first_compile() -> None:
+    """Say on stderr that kernels are being compiled when Numba's on-disk cache is empty."""
+    import sys
+    if numba_cache_empty():
         print("compiling kernels with Numba (once; later runs load them from the cache)...", file=sys.stderr)
 
 
@@ -95,15 +100,22 @@ class Engine:
         return self._session
 
     def warm_up(self) -> float:
-        """Load every kernel a generation runs (compiling it the first time Numba's cache is
-        empty): a 2-token prompt and one decode step in a throwaway 4-position session, as
-        llama.cpp warms up with an empty run. Returns the seconds it took, so that a prefill
-        measured afterwards is the forward's own."""
+        """Load every kernel a generation runs (`warm_forward`), compiling it the first time
+        Numba's cache is empty: then in two processes (engine.precompile), one per core.
+        Returns the seconds it took, so that a prefill measured afterwards is the forward's own."""
         t0 = time.perf_counter()
+        if numba_cache_empty():
+            from engine.precompile import warm_in_parallel
+            warm_in_parallel(self, self.warm_forward)
+        self.warm_forward()
+        return time.perf_counter() - t0
+
+    def warm_forward(self) -> None:
+        """A 2-token prompt and one decode step in a throwaway 4-position session, as llama.cpp
+        warms up with an empty run: every kernel a generation calls is called once."""
         s = self.new_session(n_ctx=min(4, self.config.context))
         s.forward_view([0, 0], 0)
         s.forward_view([0], 2)
-        return time.perf_counter() - t0
 
     # -- prompts -----------------------------------------------------------------------
     def prompt_ids(self, text: str, raw: bool = False) -> list[int]:

@@ -45,6 +45,7 @@ CATALOGUE: dict[str, str] = {
                              "written first, so a stopped shard looks finished",
     "collect.no_identity_check": "collect resumes into an --out made with another model, plan or prompts file",
     "cli.tokenize_special": "`cli tokenize --special` does not parse special tokens",
+    "precompile.drop_entry": "engine.precompile's kernel plan leaves out the last kernel the warm-up asks for",
 }
 
 
