@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from numba.core import sigutils
@@ -39,19 +40,26 @@ def kernel_plan(run) -> list[tuple[Dispatcher, tuple, bool]]:
     any kernel runs again: an explicit-signature kernel first made during `run` has none yet."""
     plan, explicit = [], set()
     real_compile, real_disable = Dispatcher.compile, Dispatcher.disable_compile
+    owner = threading.get_ident()   # other threads' kernels compile as usual meanwhile
 
     def record(self, sig):
+        if threading.get_ident() != owner:
+            return real_compile(self, sig)
         args, _ = sigutils.normalize_signature(sig)
         if id(self) not in explicit and tuple(args) not in self.overloads:
             plan.append((self, sig, tuple(args)))
         return _noop
 
     def defer(self, val=True):
+        if threading.get_ident() != owner:
+            return real_disable(self, val)
         explicit.add(id(self))
 
     Dispatcher.compile, Dispatcher.disable_compile = record, defer
     try:
         run()
+    except Exception:   # noqa: BLE001 - Python code that reads a no-op kernel's result: the plan so far
+        pass            # is what this run can share; the warm-up compiles the rest (and raises what is wrong)
     finally:
         Dispatcher.compile, Dispatcher.disable_compile = real_compile, real_disable
     seen, entries = set(), []
