@@ -105,8 +105,15 @@ class Engine:
         Returns the seconds it took, so that a prefill measured afterwards is the forward's own."""
         t0 = time.perf_counter()
         if numba_cache_empty():
+            import sys
             from engine.precompile import warm_in_parallel
-            warm_in_parallel(self, self.warm_forward)
+            shown = sys.stderr.isatty()   # a progress line on a terminal; logs get only the totals
+
+            def progress(claimed, total):
+                print(f"\rcompiling kernels: {claimed}/{total} started", end="", file=sys.stderr, flush=True)
+            warm_in_parallel(self, self.warm_forward, progress if shown else None)
+            if shown:
+                print(file=sys.stderr)
         self.warm_forward()
         return time.perf_counter() - t0
 

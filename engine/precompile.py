@@ -76,16 +76,23 @@ def describe(plan) -> list[str]:
             for d, sig, _ in plan]
 
 
-def compile_entries(plan, order, claims: Path | None = None) -> None:
+def _claimed(claims: Path) -> int:
+    return sum(1 for f in claims.iterdir() if f.name.isdigit())
+
+
+def compile_entries(plan, order, claims: Path | None = None, progress=None) -> None:
     """Compile (or load from the cache) the plan's entries in `order` (indices); with `claims`,
-    only those whose claim file this process creates first. An entry that fails to compile is
-    left to the warm-up (which compiles what it calls, and raises what is wrong)."""
+    only those whose claim file this process creates first, calling progress(claimed, total)
+    (claimed by either process) before each. An entry that fails to compile is left to the
+    warm-up (which compiles what it calls, and raises what is wrong)."""
     for i in order:
         if claims is not None:
             try:
                 os.close(os.open(claims / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
                 continue
+            if progress is not None:
+                progress(_claimed(claims), len(plan))
         disp, sig, explicit = plan[i]
         try:
             disp.compile(sig)
@@ -95,11 +102,11 @@ def compile_entries(plan, order, claims: Path | None = None) -> None:
             pass
 
 
-def warm_in_parallel(engine, run) -> int | None:
+def warm_in_parallel(engine, run, progress=None) -> int | None:
     """Compile what `run()` (the engine's warm-up forward) needs, this process and a helper
-    each taking part (see the module doc). Returns the helper's exit code (0: it recorded the
-    same plan and compiled its part), None if none ran; the caller runs `run()` afterwards,
-    which then only loads kernels."""
+    each taking part (see the module doc); `progress(claimed, total)` is called as entries are
+    taken. Returns the helper's exit code (0: it recorded the same plan and compiled its part),
+    None if none ran; the caller runs `run()` afterwards, which then only loads kernels."""
     plan = kernel_plan(run)
     if failpoints.active("precompile.drop_entry") and plan:
         plan = plan[:-1]
@@ -119,9 +126,15 @@ def warm_in_parallel(engine, run) -> int | None:
         except OSError:
             helper = None
         try:
-            compile_entries(plan, range(len(plan)), claims)
+            compile_entries(plan, range(len(plan)), claims, progress)
             if helper is not None:
-                helper.wait()
+                while helper.poll() is None:   # its last entries
+                    try:
+                        helper.wait(timeout=0.25)
+                    except subprocess.TimeoutExpired:
+                        pass
+                    if progress is not None:
+                        progress(_claimed(claims), len(plan))
         finally:
             if helper is not None and helper.poll() is None:   # interrupted: the helper goes too
                 helper.kill()

@@ -7,8 +7,8 @@ For Q8_0 and Q4_1 the inner loop bound is taken from `dst.shape[0]` instead of
 a constant: with a constant LLVM fully unrolls those short loops into scalar
 code instead of vectorizing them (Q8_0: 2.1 vs 5.8 Gelem/s); the other types
 vectorize better with constant bounds.
-The registry (kernels/quants.py) ties each decoder to its type; `kernels._span.dq_span`
-decodes a run of whole blocks of any registered type.
+The registry (kernels/quants.py) ties each decoder to its type; `kernels._span.dq_span_of`
+decodes a run of whole blocks of a registered type.
 """
 from __future__ import annotations
 

@@ -1,12 +1,11 @@
 """Exact decoding of runs of blocks of any registered type (kernels/quants.py).
 
-`dq_span` is what the batched float matmul (kernels/_gemm.py) is built on: a runtime
-switch over every type, its dispatch derived from the registry's decoders, so a new
-type's decoder is reached here without editing this file. The embedding lookup
-(`dequantize_rows`) instead compiles one kernel per type, on first use: it runs for
-every model, and the all-type switch took ~45 s of a first run's ~80 s of compiling
-(every decoder inlined), where one type's kernel takes a few seconds. (A kernel cache
-made from other sources of this package is cleared at import: kernels/__init__.py.)
+`dq_span_of` is what the embedding lookup (`dequantize_rows`) and the float matmuls
+(kernels/_gemm.py) are built on: each of them is compiled per weight type, on first use, with
+that type's decoder inlined from the registry, so a new type's decoder is reached here without
+editing this file. (One kernel over a runtime switch of every type, every decoder inlined,
+took ~45 s to compile where one type's kernel takes a few seconds. A kernel cache made from
+other sources of this package is cleared at import: kernels/__init__.py.)
 """
 from __future__ import annotations
 
@@ -19,11 +18,6 @@ from numba.extending import overload
 from kernels.quants import BF16, F16, F32, TYPES
 
 
-@njit(inline="always")
-def _no_decoder(qtype, row, e0, e1, dst, lut):
-    pass
-
-
 def _type_blocks(t):
     """An inlined `blocks(row, e0, e1, dst, lut)`: type t's decoder over the blocks covering
     elements [e0, e1) of a row, its decoder called as a constant (so Numba inlines it)."""
@@ -34,31 +28,6 @@ def _type_blocks(t):
         for b in range(e0 // elems, e1 // elems):
             dq(row[b * bsize:(b + 1) * bsize], dst[b * elems - e0:(b + 1) * elems - e0], lut)
     return blocks
-
-
-def _decoder_chain(types):
-    """One function `decode(qtype, row, e0, e1, dst, lut)` that decodes the blocks covering
-    elements [e0, e1) of a row with the decoder of `qtype`, for every block type of the registry.
-
-    Built as a chain of inlined tests, one per type, each calling its decoder as a constant:
-    Numba then inlines every decoder, as a hand-written if-chain would. (A tuple of decoders
-    iterated with literal_unroll compiles to calls through function pointers instead, which
-    halves the decode speed: 2.4 vs 5.0 Gelem/s on Q4_K.)"""
-    decode = _no_decoder
-    for t in types:
-        def link(prev, qid=t.id, blocks=_type_blocks(t)):
-            @njit(inline="always")
-            def decode(qtype, row, e0, e1, dst, lut):
-                if qtype == qid:
-                    blocks(row, e0, e1, dst, lut)
-                else:
-                    prev(qtype, row, e0, e1, dst, lut)
-            return decode
-        decode = link(decode)
-    return decode
-
-
-_decode_blocks = _decoder_chain([t for t in TYPES.values() if t.dequant is not None])
 
 
 @njit(inline="always")
@@ -83,23 +52,11 @@ def _span_bf16(row, e0, e1, dst):   # the top half of a float32
         bits[i] = np.uint32(src[i]) << np.uint32(16)
 
 
-@njit(cache=True)
-def dq_span(qtype, row, e0, e1, dst, lut):
-    """Decode elements [e0, e1) of a row (block-aligned) into dst[0:e1-e0]; the caller has
-    validated qtype against the registry."""
-    if qtype == F32:
-        _span_f32(row, e0, e1, dst)
-    elif qtype == F16:
-        _span_f16(row, e0, e1, dst, lut)
-    elif qtype == BF16:
-        _span_bf16(row, e0, e1, dst)
-    else:
-        _decode_blocks(qtype, row, e0, e1, dst, lut)
-
-
 def dq_span_of(qtype, row, e0, e1, dst, lut):
-    """dq_span for a qtype known when compiling (a constant): only that type's decoder is
-    compiled in. Callable from njit code only."""
+    """Decode elements [e0, e1) of a row (block-aligned) into dst[0:e1-e0], for a qtype known
+    when compiling (a constant, registered): only that type's decoder is compiled in, inlined
+    (a decoder called through a function pointer decodes half as fast: 2.4 vs 5.0 Gelem/s on
+    Q4_K). Callable from njit code only."""
     raise NotImplementedError("dq_span_of is called from Numba-compiled code")
 
 
