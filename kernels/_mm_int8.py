@@ -21,7 +21,8 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from kernels._matvec import chunks_of, locate_chunk
-from kernels._simd import (_I64, _V8F32, _FAST, PREFETCH_AHEAD, _prefetch, _ptr, literal_mask, reduce_fadd,
+from kernels._simd import (_I64, _V8F32, _V16F32, _FAST, HAS_PAIRS, PREFETCH_AHEAD, _prefetch, _ptr, _shuffle,
+                           literal_mask, reduce_fadd,
                            type_switch, types_mask)
 from kernels.quants import TYPES, QuantType
 
@@ -37,14 +38,32 @@ def _blocks_loop(context, builder, qt: QuantType, rows, nblocks, acts, tokens: i
     sums, and the strides between tokens. The type's int8 block IR turns each block into scaled
     8-lane float partial sums, added into one accumulator per (row, token) and reduced once at
     the end. Several rows per loop give independent addition chains (one chain waits on the
-    float add's latency, four blocks in flight do not) and load each activation block once."""
+    float add's latency, four blocks in flight do not) and load each activation block once.
+    One token (a decode step) of a type with a pair IR (`int8_pair`) takes its blocks two at a
+    time in 512-bit vectors where the CPU has them (HAS_PAIRS), the odd last block alone."""
     block_bytes, block_elems, block_fn = qt.block_bytes, qt.block_elems, qt.int8_block
     sums_per_block = block_elems // qt.int8.sum_block
     x0, xstride, d0, dstride, b0, bstride = acts
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8)) for _ in range(tokens)]
             for _ in rows]
-    with cgutils.for_range(builder, nblocks) as loop:
-        b = loop.index
+    first = ir.Constant(nblocks.type, 0)
+    pair = qt.int8_pair if tokens == 1 and HAS_PAIRS else None
+    if pair is not None:
+        pair_accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F32, [0.0] * 16)) for _ in rows]
+        npairs = builder.udiv(nblocks, ir.Constant(nblocks.type, 2))
+        with cgutils.for_range(builder, npairs) as loop:
+            b = builder.mul(loop.index, ir.Constant(loop.index.type, 2))
+            xp = builder.gep(x0, [builder.mul(b, ir.Constant(b.type, block_elems))])
+            bp = builder.gep(b0, [builder.mul(b, ir.Constant(b.type, sums_per_block))])
+            xdp = builder.gep(d0, [b])
+            for row, acc in zip(rows, pair_accs):
+                blk = builder.gep(row, [builder.mul(b, ir.Constant(b.type, block_bytes))])
+                for k in range(0, 2 * block_bytes, 64):
+                    _prefetch(builder, blk, PREFETCH_AHEAD + k)
+                builder.store(builder.fadd(builder.load(acc), pair(builder, blk, xp, bp, xdp), flags=_FAST), acc)
+        first = builder.mul(npairs, ir.Constant(nblocks.type, 2))
+    with cgutils.for_range(builder, builder.sub(nblocks, first)) as loop:
+        b = builder.add(loop.index, first)
 
         def at(base, step, stride, t):   # element b*step + t*stride of an activation array
             return builder.gep(base, [builder.add(builder.mul(b, ir.Constant(b.type, step)),
@@ -59,6 +78,11 @@ def _blocks_loop(context, builder, qt: QuantType, rows, nblocks, acts, tokens: i
                     _prefetch(builder, blk, PREFETCH_AHEAD + k)
             for acc, part in zip(row_accs, block_fn(builder, blk, xps, bps, xds)):
                 builder.store(builder.fadd(builder.load(acc), part, flags=_FAST), acc)
+    if pair is not None:   # fold each row's 16 pair lanes into its 8 single-block lanes
+        for (acc,), pacc in zip(accs, pair_accs):
+            wide = builder.load(pacc)
+            halves = builder.fadd(_shuffle(builder, wide, range(8)), _shuffle(builder, wide, range(8, 16)), flags=_FAST)
+            builder.store(builder.fadd(builder.load(acc), halves, flags=_FAST), acc)
     return [[reduce_fadd(builder, builder.load(a)) for a in row_accs] for row_accs in accs]
 
 

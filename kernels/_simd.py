@@ -465,6 +465,55 @@ def q4_0_block(builder, blk, xps, bps, xds):
     return parts
 
 
+_V16I32, _V16F32, _V64I8 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16), ir.VectorType(_I8, 64)
+# two 32-element blocks per 512-bit vpdpbusd: with AVX512-VNNI and GFNI (Zen 4, Ice Lake and later)
+HAS_PAIRS = bool(HAS_VNNI and HAS_GFNI and _FEATURES.get("avx512bw", False))
+
+
+def _nibble_pair(builder, blk, xp, bp, xdp, table, bias_shift: int):
+    """Two consecutive blocks of 16 nibble bytes after an f16 d (Q4_0, IQ4_NL: 18 bytes each, at
+    blk and blk + 18) against one token's 64 int8 activations (xp), their two block sums (bp)
+    and two scales (xdp): <16 x float>, lanes 0..7 the first block's partial sums as the type's
+    block IR gives them, 8..15 the second's. Codes are the nibbles, or table[nibble] (vpshufb)
+    if `table`; both are unsigned, and the integer -sum(x) << bias_shift that makes them the
+    type's signed values rides in vpdpbusd's accumulator (Q4_0: q - 8; IQ4_NL: kv[q] + 128 -
+    128). One vgf2p8affineqb unpacks both blocks and one vpdpbusd multiplies them: the one-token
+    loop of these types is bound by instructions, not by memory."""
+    both = builder.shuffle_vector(_load(builder, blk, 2, _V16I8), _load(builder, blk, 20, _V16I8),
+                                  ir.Constant(ir.VectorType(_I32, 64), [ir.Constant(_I32, i) for i in
+                                                                          list(range(16)) * 2 + list(range(16, 32)) * 2]))
+    matrix = ir.Constant(ir.VectorType(_I64, 8), [ir.Constant(_I64, m) for m in ((_GF_LOW4,) * 2 + (_GF_HIGH4,) * 2) * 2])
+    q = _intrinsic(builder, "llvm.x86.vgf2p8affineqb.512", _V64I8, [both, builder.bitcast(matrix, _V64I8),
+                                                                     ir.Constant(_I8, 0)])
+    if table is not None:
+        q = _intrinsic(builder, "llvm.x86.avx512.pshuf.b.512", _V64I8,
+                       [ir.Constant(_V64I8, [ir.Constant(_I8, v) for v in list(table) * 4]), q])
+    v2i32 = ir.VectorType(_I32, 2)
+    sums = builder.sext(builder.load(builder.bitcast(bp, ir.VectorType(_I16, 2).as_pointer()), align=2), v2i32)
+    offsets = builder.neg(builder.shl(sums, _splat(v2i32, bias_shift)))
+    acc = ir.Constant(_V16I32, [ir.Constant(_I32, 0)] * 16)
+    for k, lane in enumerate((0, 8)):
+        acc = builder.insert_element(acc, builder.extract_element(offsets, ir.Constant(_I32, k)), ir.Constant(_I32, lane))
+    dot = _intrinsic(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
+                     [acc, builder.bitcast(q, _V16I32), builder.bitcast(_load(builder, xp, 0, _V64I8), _V16I32)])
+    d = ir.Constant(ir.VectorType(_F32, 2), None)
+    for k, offset in enumerate((0, 18)):
+        d = builder.insert_element(d, _scalar_f16(builder, blk, offset), ir.Constant(_I32, k))
+    xd = builder.load(builder.bitcast(xdp, ir.VectorType(_F32, 2).as_pointer()), align=4)
+    scale = _shuffle(builder, builder.fmul(d, xd, flags=_FAST), [0] * 8 + [1] * 8)
+    return builder.fmul(builder.sitofp(dot, _V16F32), scale, flags=_FAST)
+
+
+def q4_0_pair(builder, blk, xp, bp, xdp):
+    """Two Q4_0 blocks, one token, in 512-bit vectors (_nibble_pair): q - 8 = q + (-8)."""
+    return _nibble_pair(builder, blk, xp, bp, xdp, None, 3)
+
+
+def iq4_nl_pair(builder, blk, xp, bp, xdp):
+    """Two IQ4_NL blocks, one token (_nibble_pair): kv[q] = (kv[q] + 128) - 128, as iq4_nl_block."""
+    return _nibble_pair(builder, blk, xp, bp, xdp, _IQ4NL_BIASED, 7)
+
+
 def q5_1_block(builder, blk, xps, bps, xds):
     """One Q5_1 block (f16 d, f16 m, 32 high bits, 16 nibble bytes; value = d*q + m, q in 0..31)
     per token: d*xd*dot(q, x) + m*xd*sum(x) as <8 x float> (ggml's Q8_1 activations have the

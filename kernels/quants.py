@@ -51,6 +51,7 @@ class QuantType:
     matvec: object = None
     int8: Int8Layout | None = None      # activation layout of the integer path, if there is one
     int8_block: object = None           # its IR block dot product (kernels/_simd.py)
+    int8_pair: object = None            # optional: two blocks at once, one token (kernels/_simd.py)
     # njit (x, out): x rounded to the float grid llama.cpp multiplies these weights by (its
     # vec_dot_type), for weights with no integer path; None: x as it is
     float_activations: object = None
@@ -74,12 +75,12 @@ TYPES = {t.id: t for t in (
     QuantType(F32),
     QuantType(F16, matvec=_matvec.mv_f16, float_activations=round_rows_f16),
     QuantType(BF16, matvec=_matvec.mv_bf16, float_activations=round_rows_bf16),
-    QuantType(Q4_0, _dequant_ext.dq_q4_0, None, Q8_0_ACT, _simd.q4_0_block),
+    QuantType(Q4_0, _dequant_ext.dq_q4_0, None, Q8_0_ACT, _simd.q4_0_block, int8_pair=_simd.q4_0_pair),
     QuantType(Q5_1, _dequant_ext.dq_q5_1, None, Q8_0_ACT, _simd.q5_1_block),
     QuantType(Q2_K, _dequant_ext.dq_q2_k, None, Q8K, _simd.q2_k_block, panel=_panels.Q2_K_PANEL),
     QuantType(Q3_K, _dequant_ext.dq_q3_k, None, Q8K, _simd.q3_k_block, panel=_panels.Q3_K_PANEL),
     QuantType(Q5_K, _dequant_ext.dq_q5_k, None, Q8K, _simd.q5_k_block, panel=_panels.Q5_K_PANEL),
-    QuantType(IQ4_NL, _dequant_ext.dq_iq4_nl, None, Q8_0_ACT, _simd.iq4_nl_block),
+    QuantType(IQ4_NL, _dequant_ext.dq_iq4_nl, None, Q8_0_ACT, _simd.iq4_nl_block, int8_pair=_simd.iq4_nl_pair),
     QuantType(IQ4_XS, _dequant_ext.dq_iq4_xs, None, Q8K, _simd.iq4_xs_block, panel=_panels.IQ4_XS_PANEL),
     QuantType(Q4_1, _dequant.dq_q4_1, _matvec.mv_q4_1, Q8_0_ACT, _simd.q4_1_block),
     QuantType(Q5_0, _dequant.dq_q5_0, _matvec.mv_q5_0, Q8_0_ACT, _simd.q5_0_block),
