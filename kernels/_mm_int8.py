@@ -189,20 +189,29 @@ MM_Q8_SIGNATURE = types.void(types.UniTuple(types.Array(types.uint8, 2, "C", rea
                              types.UniTuple(_OUT, MAX_MATS))
 _NO_WEIGHT = np.zeros((0, 1), np.uint8)      # a padding matrix: no rows, so no work items
 _NO_OUT = np.zeros((0, 0), np.float32)
-OUT_PADS = {k: (_NO_OUT,) * (MAX_MATS - k) for k in range(MAX_MATS + 1)}   # outputs for k matrices: + OUT_PADS[k]
+_OUT_PADS = {k: (_NO_OUT,) * (MAX_MATS - k) for k in range(MAX_MATS + 1)}   # outputs for k matrices: + _OUT_PADS[k]
 
 
-def pad_launch(ws, qtypes, outs) -> list[tuple]:
-    """(ws, qtypes, outs) tuples of MAX_MATS each for mm_q8 kernels: the matrices in groups of
-    MAX_MATS, the last padded with matrices of no rows."""
-    ws, qtypes, outs = tuple(ws), tuple(int(t) for t in qtypes), tuple(outs)
+def pad_launch(ws, qtypes) -> list[tuple]:
+    """(weights, types) tuples of MAX_MATS each for mm_q8 kernels (`launch`): the matrices in
+    groups of MAX_MATS, the last padded with matrices of no rows."""
+    ws, qtypes = tuple(ws), tuple(int(t) for t in qtypes)
     launches = []
     for i in range(0, len(ws), MAX_MATS):
         pad = MAX_MATS - len(ws[i:i + MAX_MATS])
-        launches.append((ws[i:i + MAX_MATS] + (_NO_WEIGHT,) * pad,
-                         qtypes[i:i + MAX_MATS] + (qtypes[i],) * pad,
-                         outs[i:i + MAX_MATS] + (_NO_OUT,) * pad))
+        launches.append((ws[i:i + MAX_MATS] + (_NO_WEIGHT,) * pad, qtypes[i:i + MAX_MATS] + (qtypes[i],) * pad))
     return launches
+
+
+def launch(kernel, launches, xq, xd, bs, outs) -> None:
+    """Run an mm_q8 kernel over pad_launch's `launches` and the matrices' outputs: one parallel
+    launch per MAX_MATS matrices (one for every group the forward has), outputs padded to match."""
+    if len(launches) == 1:   # the forward's case, a few hundred times a decode step: no slicing
+        kernel(launches[0][0], launches[0][1], xq, xd, bs, tuple(outs) + _OUT_PADS[len(outs)])
+        return
+    for i, (ws, qtypes) in enumerate(launches):
+        part = outs[i * MAX_MATS:(i + 1) * MAX_MATS]
+        kernel(ws, qtypes, xq, xd, bs, tuple(part) + _OUT_PADS[len(part)])
 
 
 @functools.cache
@@ -249,6 +258,4 @@ def mm_q8_for(qtypes):
 def mm_q8(ws, qtypes, xq, xd, bs, outs):
     """outs[i][t, r] = ws[i][r] . x[t] for each matrix i (a tuple of row arrays, their types and
     outputs) and activations quantized for those types (quantize_q8k or quantize_q8_0)."""
-    kernel = mm_q8_for(qtypes)
-    for launch in pad_launch(ws, qtypes, outs):
-        kernel(launch[0], launch[1], xq, xd, bs, launch[2])
+    launch(mm_q8_for(qtypes), pad_launch(ws, qtypes), xq, xd, bs, outs)

@@ -32,8 +32,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from kernels._panels import _V16I32
-from kernels._simd import _F32, _I32, _I64, HAS_VNNI, _intrinsic, literal_mask, type_switch, types_mask
+from kernels._simd import _F32, _I32, _I64, _V16I32, HAS_VNNI, _intrinsic, literal_mask, type_switch, types_mask
 from kernels.quants import TYPES
 
 PANEL_TYPES = tuple(t for t in TYPES.values() if t.panel is not None)

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
-from kernels._simd import (_I32, _IQ4NL_BIASED, _V16I8, _V16I16, _V32I8, _bit_to, _f16_at, _gf_bits, _iq4xs_scales,
-                           _load, _lut16, _nibbles32, _q3k_scales, _q4k_scales_mins_vec, _scalar_f16, _shuffle, _splat)
-
-_V16I32 = ir.VectorType(_I32, 16)
+from kernels._simd import (_I32, _IQ4NL_BIASED, _V16I8, _V16I16, _V16I32, _V32I8, _bit_to, _f16_at, _gf_bits,
+                           _iq4xs_scales, _load, _lut16, _nibbles32, _q3k_scales, _q4k_scales_mins_vec, _scalar_f16,
+                           _shuffle, _splat)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ HAS_GFNI = bool(HAS_AVX2 and _FEATURES.get("gfni", False))
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V32I8, _V16I8, _V8I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16), ir.VectorType(_I8, 8)
 _V16I16, _V8I16 = ir.VectorType(_I16, 16), ir.VectorType(_I16, 8)
-_V8I32, _V32I16 = ir.VectorType(_I32, 8), ir.VectorType(_I16, 32)
+_V8I32, _V16I32, _V32I16 = ir.VectorType(_I32, 8), ir.VectorType(_I32, 16), ir.VectorType(_I16, 32)
 
 
 def _splat(ty: ir.VectorType, value: int) -> ir.Constant:
@@ -299,16 +299,24 @@ def q6_k_block(builder, blk, xps, bps, xds):
 _GF_LOW4, _GF_HIGH4 = 0x0102040800000000, 0x1020408000000000
 
 
+def _gf_nibbles(builder, doubled):
+    """Nibble codes of 16-byte nibble arrays, each given twice in a row (`doubled`: 32 or 64
+    bytes): one vgf2p8affineqb whose bit matrix is "low nibble" for the first copy of each and
+    "high nibble" for the second, so every array becomes its 32 codes in ggml's order."""
+    n = doubled.type.count
+    matrix = ir.Constant(ir.VectorType(_I64, n // 8),
+                         [ir.Constant(_I64, m) for m in ((_GF_LOW4,) * 2 + (_GF_HIGH4,) * 2) * (n // 32)])
+    return _intrinsic(builder, f"llvm.x86.vgf2p8affineqb.{8 * n}", doubled.type,
+                      [doubled, builder.bitcast(matrix, doubled.type), ir.Constant(_I8, 0)])
+
+
 def _nibbles32(builder, blk, offset: int):
     """The 32 four-bit codes of a 16-byte ggml nibble array: low nibbles are elements 0..15,
     high nibbles 16..31. With GFNI: the 16 bytes loaded into both halves, and one vgf2p8affineqb
     whose bit matrix is "low nibble" in the low half and "high nibble" in the high half (for
     the 32-element block types this is a tenth of the instructions of a block)."""
     if HAS_GFNI:
-        qs = _shuffle(builder, _load(builder, blk, offset, _V16I8), list(range(16)) * 2)
-        matrix = ir.Constant(ir.VectorType(_I64, 4), [ir.Constant(_I64, m) for m in (_GF_LOW4,) * 2 + (_GF_HIGH4,) * 2])
-        return _intrinsic(builder, "llvm.x86.vgf2p8affineqb.256", _V32I8,
-                          [qs, builder.bitcast(matrix, _V32I8), ir.Constant(_I8, 0)])
+        return _gf_nibbles(builder, _shuffle(builder, _load(builder, blk, offset, _V16I8), list(range(16)) * 2))
     qs = _load(builder, blk, offset, _V16I8)
     lo = builder.and_(qs, _splat(_V16I8, 15))
     hi = builder.lshr(qs, _splat(_V16I8, 4))
@@ -465,7 +473,7 @@ def q4_0_block(builder, blk, xps, bps, xds):
     return parts
 
 
-_V16I32, _V16F32, _V64I8 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16), ir.VectorType(_I8, 64)
+_V16F32, _V64I8 = ir.VectorType(_F32, 16), ir.VectorType(_I8, 64)
 # two 32-element blocks per 512-bit vpdpbusd: with AVX512-VNNI and GFNI (Zen 4, Ice Lake and later)
 HAS_PAIRS = bool(HAS_VNNI and HAS_GFNI and _FEATURES.get("avx512bw", False))
 
@@ -482,9 +490,7 @@ def _nibble_pair(builder, blk, xp, bp, xdp, table, bias_shift: int):
     both = builder.shuffle_vector(_load(builder, blk, 2, _V16I8), _load(builder, blk, 20, _V16I8),
                                   ir.Constant(ir.VectorType(_I32, 64), [ir.Constant(_I32, i) for i in
                                                                           list(range(16)) * 2 + list(range(16, 32)) * 2]))
-    matrix = ir.Constant(ir.VectorType(_I64, 8), [ir.Constant(_I64, m) for m in ((_GF_LOW4,) * 2 + (_GF_HIGH4,) * 2) * 2])
-    q = _intrinsic(builder, "llvm.x86.vgf2p8affineqb.512", _V64I8, [both, builder.bitcast(matrix, _V64I8),
-                                                                     ir.Constant(_I8, 0)])
+    q = _gf_nibbles(builder, both)
     if table is not None:
         q = _intrinsic(builder, "llvm.x86.avx512.pshuf.b.512", _V64I8,
                        [ir.Constant(_V64I8, [ir.Constant(_I8, v) for v in list(table) * 4]), q])

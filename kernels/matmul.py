@@ -31,7 +31,7 @@ import numpy as np
 from kernels import _mm_panel
 from kernels._gemm import gemm, mv_float
 from kernels._matvec import mv_half_many
-from kernels._mm_int8 import MAX_MATS, OUT_PADS, mm_q8_for, pad_launch
+from kernels._mm_int8 import launch, mm_q8_for, pad_launch
 from kernels._q8 import dequantize_q8
 from kernels._span import dequantize_rows
 from kernels.f16 import F16_TO_F32
@@ -209,9 +209,9 @@ class Int8Group:
         """Get this group's kernels (compiling them on a first run) and decide their launches."""
         kernel = mm_q8_for(self._mm_q8_types)
         self.panel_kernel = _mm_panel.mm_panels_for(self._panel_types) if self.panel_idx else None
-        self.all_launch = (kernel, pad_launch(self.ws, self.qtypes, ()))
-        rest = [self.ws[i] for i in self.rest_idx], [self.qtypes[i] for i in self.rest_idx]
-        self.rest_launch = (kernel, pad_launch(*rest, ()))
+        self.all_launch = (kernel, pad_launch(self.ws, self.qtypes))
+        self.rest_launch = (kernel, pad_launch([self.ws[i] for i in self.rest_idx],
+                                               [self.qtypes[i] for i in self.rest_idx]))
 
     @staticmethod
     def ready(mats) -> bool:
@@ -243,19 +243,6 @@ PANEL_MIN_TOKENS = 6   # from this many rows the panel GEMM beats mm_q8 (measure
 _panel_scratch: dict[int, tuple] = {}
 
 
-def _launch_mm_q8(launch, xq, outs) -> None:
-    """mm_q8 launches (kernel, pad_launch's weights and types) over the matrices: one parallel
-    launch per MAX_MATS of them (every group the forward has), the outputs padded to match."""
-    kernel, launches = launch
-    q, d, sums = xq
-    if len(launches) == 1:
-        kernel(launches[0][0], launches[0][1], q, d, sums, tuple(outs) + OUT_PADS[len(outs)])
-        return
-    for i, (ws, qtypes, _) in enumerate(launches):
-        part = outs[i * MAX_MATS:(i + 1) * MAX_MATS]
-        kernel(ws, qtypes, q, d, sums, tuple(part) + OUT_PADS[len(part)])
-
-
 def _launch_int8(group: Int8Group, xq, outs) -> None:
     """matmul_int8_group without the checks, for callers whose arguments are right by
     construction (matmul_group: the forward's own buffers; ~4 us a call, hundreds of calls a
@@ -270,9 +257,9 @@ def _launch_int8(group: Int8Group, xq, outs) -> None:
         for i in group.panel_idx:   # one matrix a launch: one compiled signature, not one per group shape
             group.panel_kernel(group.ws[i], group.qtypes[i], *xq, outs[i], *scratch)
         if group.rest_idx:
-            _launch_mm_q8(group.rest_launch, xq, [outs[i] for i in group.rest_idx])
+            launch(*group.rest_launch, *xq, [outs[i] for i in group.rest_idx])
     else:
-        _launch_mm_q8(group.all_launch, xq, outs)
+        launch(*group.all_launch, *xq, outs)
 
 
 def matmul_int8(w, qtype: int, xq: tuple[np.ndarray, np.ndarray, np.ndarray], out: np.ndarray) -> None:

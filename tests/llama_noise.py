@@ -43,8 +43,8 @@ def difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
 def llama_last_logits(path, ids: list[int], **settings) -> np.ndarray:
     """llama.cpp's logits at the prompt's last position, under the tests' settings updated by `settings`."""
     from llama_cpp import Llama
-    cfg = dict(n_ctx=2048, n_batch=2048, n_ubatch=2048, n_threads=2, n_threads_batch=2, flash_attn=False,
-               n_gpu_layers=0, verbose=False, logits_all=True)
+    from tests.test_gemma3 import LLAMA_SETTINGS
+    cfg = dict(LLAMA_SETTINGS, logits_all=True)
     cfg.update(settings)
     llm = Llama(str(path), **cfg)
     try:

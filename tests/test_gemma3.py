@@ -46,6 +46,9 @@ PROMPTS = {
     "long": (REPO / "tests" / "data" / "gemma3_long_prompt.txt").read_text() + "\n\nIn summary, this tool",
 }
 STEPS = 12
+# llama.cpp as these tests run it: the whole prompt in one batch, 2 threads, no flash attention
+LLAMA_SETTINGS = dict(n_ctx=2048, n_batch=2048, n_ubatch=2048, n_threads=2, n_threads_batch=2, flash_attn=False,
+                      n_gpu_layers=0, verbose=False)
 _STATE: dict = {}
 
 
@@ -68,8 +71,7 @@ def engine():
 def llama():
     from llama_cpp import Llama
     if "llama" not in _STATE:
-        _STATE["llama"] = Llama(str(model_file(KEY)), n_ctx=2048, n_batch=2048, n_ubatch=2048, n_threads=2,
-                                n_threads_batch=2, flash_attn=False, n_gpu_layers=0, verbose=False)
+        _STATE["llama"] = Llama(str(model_file(KEY)), **LLAMA_SETTINGS)
     return _STATE["llama"]
 
 
