@@ -12,7 +12,12 @@ The 1.5B's final_norm is compared on every position, the first included: its res
 cancels from ~3900 to ~100 in layers 26-27, which only agrees because our default forward
 rounds activations to int8 as llama.cpp does (test_trace_parity.py).
 For the Qwen models the live capture also equals the published reference dumps
-(../shared/reference/trace/<model>/) bit for bit.
+(../shared/reference/trace/<model>/) bit for bit when llama.cpp's CPU backend is the one that
+made them (meta.json's llama_cpp_system_info). On another backend llama.cpp itself rounds
+differently from the softmax on (its vectorised exp differs between AVX2 and AVX-512 builds;
+everything before it stays bit-equal), so there the dump is compared by the cosine bound above:
+measured on an AVX2-only Zen 3 against the AVX-512 dumps, worst 1 - cosine = 2.9e-4 (final_norm,
+both Qwen models), 3.4x inside 0.999.
 """
 from __future__ import annotations
 
@@ -38,6 +43,18 @@ COSINE = 0.999
 # measured 0.99842 / 0.99876 (layer 3); see the module docstring
 LOWER = {("smollm2-135m-q4_1", "attention"): 0.998, ("smollm2-135m-q4_1", "attn_out"): 0.998}
 MODELS = ("smollm2-135m-q4_1", "qwen2.5-coder-0.5b-q4_k_m", "qwen2.5-coder-1.5b-q4_k_m")
+
+
+def llama_backend() -> str:
+    """The live llama.cpp's CPU feature line ("AVX2 = 1 | AVX512 = 1 | ..."): what its kernels round by."""
+    import llama_cpp
+    return llama_cpp.llama_print_system_info().decode().strip()
+
+
+def reference_backend() -> str | None:
+    """The CPU feature line of the llama.cpp that made ../shared/reference, from its meta.json."""
+    meta = REPO.parent / "shared" / "reference" / "meta.json"
+    return json.loads(meta.read_text()).get("llama_cpp_system_info", "").strip() if meta.is_file() else None
 
 
 def run_cli(*args, block=(), timeout=600):
@@ -156,12 +173,22 @@ def test_llamacpp_capture_matches_ours_layers_0_3(tmp_path, key):
     bad = {k: round(c, 6) for k, c in table.items() if not c >= LOWER.get((key, k[0]), COSINE)}
     assert not bad, f"below cosine {COSINE}: {bad}"
     ref = REPO.parent / "shared" / "reference" / "trace" / key
-    if ref.is_dir():  # the live capture is the published dump, bit for bit
+    if ref.is_dir():
         from trace.llama_names import load_llama
+        same_backend = llama_backend() == reference_backend()
+        off = {}
         for (stage, layer), v in theirs.items():
             want = load_llama(ref, stage, layer)
-            if want is not None:
+            if want is None:
+                continue
+            if same_backend:  # the live capture is the published dump, bit for bit
                 np.testing.assert_array_equal(v, want.reshape(v.shape), err_msg=f"{stage} {layer}")
+            elif not cosine(v, want) >= COSINE:
+                off[stage, layer] = round(cosine(v, want), 6)
+        if not same_backend:
+            print(f"  llama.cpp's CPU backend here ({llama_backend()}) is not the reference's "
+                  f"({reference_backend()}): compared to the dump by cosine >= {COSINE}, not bit for bit")
+        assert not off, f"live llama.cpp capture vs the published dump, below cosine {COSINE}: {off}"
 
 
 @needs_llama
